@@ -1,0 +1,413 @@
+"""A Llama-family transformer, built from a Hugging Face checkpoint folder.
+
+Covers Llama 2/3.x, TinyLlama, SmolLM2, Mistral and Qwen2/2.5: they share one architecture
+(pre-norm RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP) and differ in a few
+config fields, all read into `Config`. Module names mirror the checkpoint's keys
+(model.layers.N.self_attn.q_proj.weight, ...) so weights load with no renaming and LoRA target
+names and PEFT keys map one to one.
+
+    model = Transformer.from_pretrained("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")
+    logits = model(input_ids)  # (B, T) -> (B, T, vocab)
+"""
+import http.client
+import json
+import math
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class InputError(Exception):
+    """Bad input from the user (a file, a flag, a value): scripts print the one-line message,
+    which names what is wrong and where, and exit with code 2, never with a traceback."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint folder that cannot be used as asked; the message names the file or key."""
+
+
+@dataclass
+class Config:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = None  # None: multi-head attention (= num_attention_heads)
+    head_dim: int = None  # None: hidden_size // num_attention_heads (Mistral Nemo sets its own)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None  # e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v/o (Qwen2: q/k/v only, see __post_init__)
+    mlp_bias: bool = False
+    qkv_bias: bool = None  # None: attention_bias (Qwen2: always True, with no o_proj bias)
+
+    def __post_init__(self):
+        if self.model_type not in ("llama", "mistral", "qwen2"):
+            raise CheckpointError(f"model_type {self.model_type!r} is not supported "
+                                  "(supported: llama, mistral, qwen2)")
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.qkv_bias is None:
+            self.qkv_bias = self.attention_bias or self.model_type == "qwen2"
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise CheckpointError(f"rope scaling type {rope_type!r} is not supported "
+                                  "(supported: default, linear, llama3)")
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        # transformers >= 5 writes rope_theta and scaling together as rope_parameters;
+        # hub checkpoints spell them rope_theta + rope_scaling (with "type" in older ones).
+        rope = dict(d.pop("rope_parameters", None) or d.get("rope_scaling") or {})
+        if "rope_theta" in rope:
+            d["rope_theta"] = rope.pop("rope_theta")
+        if "type" in rope:
+            rope.setdefault("rope_type", rope.pop("type"))
+        d["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path):
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise CheckpointError(f"{path}: cannot read config: {e}") from None
+
+
+def rope_inv_freq(config):
+    """Inverse frequencies theta^(-2i/d), i < d/2, with the checkpoint's long-context scaling."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":  # positions divided by factor
+        return inv_freq / s["factor"]
+    # llama3 (Llama 3.1 paper, sec. 3.3): long wavelengths are slowed by `factor`, short ones
+    # kept, and the band in between interpolated smoothly.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, D), cos/sin: (B, 1, T, D). Hugging Face's rotate-half layout: dimension i is
+    # paired with i + D/2, so checkpoint q/k weights load with no permutation.
+    return x * cos + rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalize in fp32 for stability, then cast back before the scale (as the reference does)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, so decoding a token reads the prompt's K/V, never recomputes it."""
+
+    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start, k, v):
+        # k, v: (B, n_kv, T, D) written at positions start..start+T; returns K/V up to there
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.kv_cache = None
+
+    def forward(self, x, cos, sin, mask, start):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start, k, v)
+        # grouped-query attention: each K/V head serves n_heads / n_kv_heads query heads
+        # (enable_gqa, without copying K/V n_heads / n_kv_heads times)
+        # mask None: plain causal attention over the new tokens, or one token seeing all the cache
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The `model.` part of a Hugging Face checkpoint: embeddings, blocks, final norm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.gradient_checkpointing = False  # recompute each block in backward (train.py sets it)
+
+    def hidden(self, input_ids, position_ids=None, doc_ids=None, start=0):
+        """Final hidden states (B, T, C) after the last norm.
+
+        position_ids (B, T): defaults to start..start+T. doc_ids (B, T): with sample packing, the
+        example each token belongs to; tokens attend only within their example. start: with a
+        KV cache (setup_cache), where input_ids go in the cached sequence.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        # cos/sin computed in fp32 from the positions, then cast, as the reference does
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        mask = None
+        if doc_ids is not None:  # causal and block-diagonal: (B, 1, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            mask = (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+        elif start > 0 and T > 1:  # new tokens see the whole cache and each other causally: (T, start+T)
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, mask, start, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, start)
+        return self.model.norm(x)
+
+    def forward(self, input_ids, position_ids=None, doc_ids=None, start=0):
+        return self.lm_head(self.hidden(input_ids, position_ids, doc_ids, start))  # (B, T, vocab)
+
+    def setup_cache(self, batch_size, max_len):
+        """Give each attention layer a KV cache of max_len positions (None to remove them)."""
+        c, p = self.config, self.lm_head.weight
+        for block in self.model.layers:
+            block.self_attn.kv_cache = None if batch_size is None else KVCache(
+                batch_size, max_len, c.num_key_value_heads, c.head_dim, p.dtype, p.device)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", quantize=None):
+        """Load a checkpoint folder (or hub id, see resolve_checkpoint) without two copies of it.
+
+        The model is built on the meta device (no memory) and each tensor is read from its
+        safetensors file straight into place; with quantize="nf4" every linear layer of the
+        blocks is quantized as soon as it is read, so peak memory stays near the 4-bit size.
+        """
+        from safetensors import safe_open
+
+        path = resolve_checkpoint(path)
+        config = Config.from_json(path / "config.json")
+        files = weight_files(path)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k for k in model.state_dict()}
+        if config.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+        found = set(files)
+        if config.tie_word_embeddings:
+            found.discard("lm_head.weight")  # some tied checkpoints store it anyway
+        if missing := sorted(expected - found):
+            raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        if unexpected := sorted(k for k in found - expected if not k.endswith("rotary_emb.inv_freq")):
+            raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        handles = {}
+        try:
+            for f in sorted(set(files.values())):
+                handles[f] = safe_open(path / f, framework="pt", device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"{path / f}: not a readable safetensors file ({e})") from None
+
+        def read(key, shape):
+            t = handles[files[key]].get_tensor(key)
+            if tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"{path / files[key]}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            return t.to(device=device, dtype=dtype)
+
+        if quantize not in (None, "nf4"):
+            raise CheckpointError(f"quantize={quantize!r}: only 'nf4' is supported")
+        if quantize:
+            from quant import NF4Linear
+        for name, module in list(model.named_modules()):
+            own = dict(module.named_parameters(recurse=False))
+            if not own or (config.tie_word_embeddings and module is model.lm_head):
+                continue
+            tensors = {k: read(f"{name}.{k}", p.shape) for k, p in own.items()}
+            if quantize == "nf4" and isinstance(module, nn.Linear) and name.startswith("model.layers."):
+                parent, child = name.rsplit(".", 1)
+                setattr(model.get_submodule(parent), child, NF4Linear.from_weight(tensors["weight"], tensors.get("bias")))
+            else:
+                for k, t in tensors.items():
+                    setattr(module, k, nn.Parameter(t))
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(config).to(device)
+        return model.eval()
+
+
+def weight_files(path):
+    """{tensor key: safetensors file name} for a single-file or sharded checkpoint."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid index ({e})") from None
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                              "(only safetensors checkpoints are loaded, never pickles)")
+    from safetensors import safe_open
+    try:
+        with safe_open(single, framework="pt", device="cpu") as f:
+            return {k: "model.safetensors" for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{single}: not a readable safetensors file ({e})") from None
+
+
+# --- checkpoints from the Hugging Face Hub ------------------------------------------------------
+
+HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def resolve_checkpoint(path, root="checkpoints"):
+    """A local folder as is; a hub id "org/name" that is not one becomes root/org/name,
+    downloaded on first use (files are written under a .part name and renamed when complete,
+    so an interrupted download is resumed, never mistaken for a complete one)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise CheckpointError(f"{p}: no config.json (not a Hugging Face checkpoint folder)")
+        return p
+    if p.exists() or len(p.parts) != 2 or str(path).startswith((".", "/")):
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    local = Path(root) / p
+    if not (local / "config.json").exists() or not _weights_complete(local):
+        download(str(path), local)
+    return local
+
+
+def _weights_complete(local):
+    try:
+        return all((local / f).exists() for f in set(weight_files(local).values()))
+    except CheckpointError:
+        return False
+
+
+def download(repo_id, local):
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    local.mkdir(parents=True, exist_ok=True)
+
+    def fetch(name, required=True):
+        if (local / name).exists():
+            return True
+        from tqdm import tqdm
+        url = f"{endpoint}/{repo_id}/resolve/main/{name}"
+        req = urllib.request.Request(url)
+        if token := os.environ.get("HF_TOKEN"):
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                total = int(r.headers.get("Content-Length") or 0) or None
+                part = local / (name + ".part")
+                with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=name, leave=False) as bar:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                if total is not None and part.stat().st_size != total:
+                    raise CheckpointError(f"{url}: download ended early ({part.stat().st_size} of {total} bytes)")
+                os.replace(part, local / name)
+                return True
+        except urllib.error.HTTPError as e:
+            if e.code == 404 and not required:
+                return False
+            hint = " (gated or private: set HF_TOKEN)" if e.code in (401, 403) else ""
+            raise CheckpointError(f"{url}: HTTP {e.code}{hint}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            raise CheckpointError(f"cannot download {repo_id} from {endpoint} (offline? {getattr(e, 'reason', e)!r}); "
+                                  f"put the checkpoint folder at {local} or pass --model_path DIR") from None
+
+    for name in HUB_FILES:
+        fetch(name, required=name in ("config.json", "tokenizer.json"))
+    if fetch("model.safetensors.index.json", required=False):
+        for shard in sorted(set(weight_files(local).values())):
+            fetch(shard)
+    else:
+        fetch("model.safetensors")

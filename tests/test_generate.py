@@ -1,0 +1,180 @@
+"""generate.py and tokenizer.py: sampling, stopping, the real model's chat, the command line, the hub."""
+import http.server
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_config, write_tiny_tokenizer
+from generate import generate, load, sample, stream_text
+from model import CheckpointError, Transformer, resolve_checkpoint
+from test_model import write_checkpoint
+from tokenizer import Tokenizer
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_greedy_and_sampling_rules():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert sample(logits) == 1  # temperature 0 is argmax
+    g = torch.Generator().manual_seed(0)
+    assert {sample(logits, 1.0, top_k=1, generator=g) for _ in range(20)} == {1}
+    assert {sample(logits, 1.0, top_p=0.01, generator=g) for _ in range(20)} == {1}
+    # top_p=0.6 keeps tokens 1 and 2 (0.51 + 0.46 covers it), never 0 or 3
+    assert {sample(logits, 1.0, top_p=0.6, generator=g) for _ in range(200)} == {1, 2}
+    draws = [[sample(logits, 1.0, generator=torch.Generator().manual_seed(s)) for s in range(30)] for _ in range(2)]
+    assert draws[0] == draws[1]  # same seed, same draws
+
+
+def test_generation_uses_the_cache_and_stops_at_eos():
+    model = Transformer(tiny_config()).eval()
+    prompt = [5, 6, 7, 8]
+    tokens = list(generate(model, prompt, max_new_tokens=10))
+    assert len(tokens) == 10
+    ids = list(prompt)  # the same greedy tokens from full recomputation without a cache
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert tokens == ids[len(prompt):]
+    stop = tokens[3]
+    assert list(generate(model, prompt, max_new_tokens=10, eos_ids={stop})) == tokens[: tokens.index(stop) + 1]
+    assert all(b.self_attn.kv_cache is None for b in model.model.layers)  # cache freed
+
+
+def test_chatml_prompt_equals_the_checkpoint_template(smollm2):
+    # SmolLM2's own jinja template, rendered by hand: the default system prompt, then the turn.
+    tok = Tokenizer(smollm2)
+    text, spans = tok.render(QUESTION, add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    assert spans == [] and tok.eos_ids == {2} and not tok.add_bos
+    ids = tok.encode(text, bos=False)
+    assert ids[0] == tok.token_id("<|im_start|>") and ids.count(tok.token_id("<|im_start|>")) == 3
+
+
+def test_chat_template_matches_transformers(smollm2):
+    # transformers renders the checkpoint's jinja template; ours must give the same string and ids.
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(smollm2)
+    tok = Tokenizer(smollm2)
+    chats = [QUESTION, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]]
+    for messages in chats:
+        text = tok.render(messages, add_generation_prompt=True)[0]
+        assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert tok.encode(text, bos=False) == hf(text, add_special_tokens=False)["input_ids"]
+
+
+def test_real_model_answers_paris(smollm2):
+    model, tok = load(smollm2)
+    ids = tok.encode(tok.render(QUESTION, add_generation_prompt=True)[0], bos=False)
+    out = []
+    text = stream_text(tok, generate(model, ids, 40, eos_ids=tok.eos_ids), tok.eos_ids, out=_Sink(out))
+    assert "Paris" in text and "".join(out).rstrip("\n") == text
+
+
+class _Sink(list):
+    def __init__(self, out):
+        self.out = out
+
+    def write(self, s):
+        self.out.append(s)
+
+    def flush(self):
+        pass
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_cli_prints_only_the_answer_to_stdout(smollm2):
+    r = run_cli("--model_path", str(smollm2), "--prompt", "What is the capital of France?", "--max_new_tokens", "30")
+    assert r.returncode == 0 and "Paris" in r.stdout
+    assert "tok/s" in r.stderr and "tok/s" not in r.stdout
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("missing", "no such checkpoint folder"),
+    ("no_tokenizer", "no tokenizer.json"),
+    ("corrupt", "not a readable safetensors file"),
+])
+def test_cli_bad_checkpoints_one_line_exit_2(tmp_path, setup, message):
+    path = tmp_path / "ckpt"
+    if setup != "missing":
+        write_checkpoint(path, Transformer(tiny_config()))
+    if setup == "corrupt":
+        write_tiny_tokenizer(path)
+        (path / "model.safetensors").write_bytes(b"garbage")
+    r = run_cli("--model_path", str(path), "--prompt", "hi")
+    assert r.returncode == 2 and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_cli_bad_flag_exit_2():
+    r = run_cli("--top_p", "2", "--prompt", "hi")
+    assert r.returncode == 2 and "--top_p must be in (0, 1]" in r.stderr
+
+
+class Hub(http.server.BaseHTTPRequestHandler):
+    """Serves files as the Hub does: /{org}/{name}/resolve/main/{file}."""
+    files, requests, truncate = {}, [], set()
+
+    def do_GET(self):
+        Hub.requests.append(self.path)
+        body = Hub.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2] if self.path in Hub.truncate else body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    write_checkpoint(src, Transformer(tiny_config()), shards=2)
+    (src / "tokenizer.json").write_text("{}")
+    Hub.files = {f"/org/tiny/resolve/main/{f.name}": f.read_bytes() for f in src.iterdir()}
+    Hub.requests, Hub.truncate = [], set()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield tmp_path / "checkpoints"
+    server.shutdown()
+
+
+def test_hub_id_downloads_once_into_checkpoints(hub):
+    path = resolve_checkpoint("org/tiny", root=hub)
+    assert path == hub / "org" / "tiny"
+    assert sorted(p.name for p in path.iterdir()) == sorted(f.rsplit("/", 1)[1] for f in Hub.files)
+    n = len(Hub.requests)
+    assert resolve_checkpoint("org/tiny", root=hub) == path and len(Hub.requests) == n  # no second download
+    Transformer.from_pretrained(path)
+
+
+def test_interrupted_download_is_not_taken_for_complete(hub):
+    shard = "/org/tiny/resolve/main/model-00002-of-00002.safetensors"
+    Hub.truncate = {shard}
+    with pytest.raises(CheckpointError):
+        resolve_checkpoint("org/tiny", root=hub)
+    assert not (hub / "org" / "tiny" / "model-00002-of-00002.safetensors").exists()
+    Hub.truncate, Hub.requests = set(), []
+    path = resolve_checkpoint("org/tiny", root=hub)  # resumes: only what is missing is fetched
+    assert [r for r in Hub.requests if r in Hub.files] == [shard]
+    Transformer.from_pretrained(path)
+
+
+def test_offline_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(CheckpointError, match="cannot download org/tiny .*offline"):
+        resolve_checkpoint("org/tiny", root=tmp_path)

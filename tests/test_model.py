@@ -1,0 +1,261 @@
+"""model.py: logits against the Hugging Face implementation, KV cache, GQA, RoPE, loading."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_config
+from model import CheckpointError, Config, Transformer, apply_rope, rope_inv_freq
+
+# One tiny random config per family, each exercising that family's quirks.
+FAMILIES = {
+    "llama2": dict(model_type="llama", num_key_value_heads=4),
+    "tinyllama": dict(model_type="llama", num_key_value_heads=1),
+    "llama3": dict(model_type="llama", rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16)),
+    "llama-bias": dict(model_type="llama", attention_bias=True, mlp_bias=True),
+    "smollm2": dict(model_type="llama", hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
+                    tie_word_embeddings=True, rope_theta=100000.0),
+    "mistral": dict(model_type="mistral", head_dim=32, sliding_window=4096),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0),
+}
+
+
+def hf_model(family):
+    """A random Hugging Face model of the family, and our config for the same shapes."""
+    transformers = pytest.importorskip("transformers")
+    kw = dict(FAMILIES[family])
+    ours = tiny_config(**{k: v for k, v in kw.items() if k != "sliding_window"})
+    cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}[kw.pop("model_type")]
+    d = dict(vocab_size=ours.vocab_size, hidden_size=ours.hidden_size, intermediate_size=ours.intermediate_size,
+             num_hidden_layers=ours.num_hidden_layers, num_attention_heads=ours.num_attention_heads,
+             num_key_value_heads=ours.num_key_value_heads, max_position_embeddings=ours.max_position_embeddings,
+             rms_norm_eps=1e-5)
+    d.update(kw)
+    if "rope_scaling" in d:
+        d["rope_parameters"] = dict(d.pop("rope_scaling"), rope_theta=d.pop("rope_theta"))
+    config = getattr(transformers, cls)(**d)
+    config._attn_implementation = "eager"  # the plainest reference
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0: randomize so they are tested
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_hugging_face(family, tmp_path):
+    # Saved by transformers (its own config.json spelling, safetensors), loaded by us: fp32 logits
+    # within 1e-4 of Hugging Face's eager implementation, over 40 positions (past the llama3
+    # config's original 16, so the scaled frequencies are used).
+    hf = hf_model(family)
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        expected, got = hf(ids).logits, ours(ids)
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_config_spellings_agree():
+    # Hub checkpoints write rope_theta + rope_scaling ("type" in older ones); transformers 5
+    # writes rope_parameters. All three must give the same Config.
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    old = Config.from_dict(dict(rope_theta=500000.0, rope_scaling=dict(scaling, type="llama3")))
+    hub = Config.from_dict(dict(rope_theta=500000.0, rope_scaling=dict(scaling, rope_type="llama3")))
+    new = Config.from_dict(dict(rope_parameters=dict(scaling, rope_type="llama3", rope_theta=500000.0)))
+    assert old == hub == new and new.rope_theta == 500000.0 and new.rope_scaling["rope_type"] == "llama3"
+    plain = Config.from_dict(dict(rope_parameters=dict(rope_type="default", rope_theta=1e6)))
+    assert plain.rope_scaling is None and plain.rope_theta == 1e6
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(model_type="gpt2"), "model_type 'gpt2' is not supported"),
+    (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), "rope scaling type 'yarn' is not supported"),
+])
+def test_unsupported_config_is_an_error(bad, message):
+    with pytest.raises(CheckpointError, match=message):
+        Config.from_dict(bad)
+
+
+def test_kv_cache_decoding_equals_full_recompute():
+    # Prefill 7 tokens, then 3 at once, then one at a time through the cache: every position's
+    # logits equal one full forward over the whole sequence (atol 1e-5, fp32).
+    model = Transformer(tiny_config()).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        full = model(ids)
+        model.setup_cache(2, 16)
+        steps = [model(ids[:, :7]), model(ids[:, 7:10], start=7)]
+        steps += [model(ids[:, t:t + 1], start=t) for t in range(10, 16)]
+        model.setup_cache(None, None)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_gqa_equals_repeated_kv_heads():
+    # 4 query heads sharing 2 K/V heads == 4 heads whose K/V weights repeat each shared head.
+    gqa = Transformer(tiny_config(num_key_value_heads=2)).eval()
+    mha = Transformer(tiny_config(num_key_value_heads=4)).eval()
+    sd = gqa.state_dict()
+    for k, w in sd.items():
+        if k.endswith(("k_proj.weight", "v_proj.weight")):  # (2 * D, C) -> (4 * D, C)
+            sd[k] = w.view(2, 16, 64).repeat_interleave(2, dim=0).reshape(64, 64)
+    mha.load_state_dict(sd)
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(gqa(ids), mha(ids), atol=1e-6)
+
+
+def test_rope_is_a_rotation_of_pairs_i_and_i_plus_half():
+    # Direct formula: dimension pair (i, i + D/2) at position p turns by angle p * theta^(-2i/D).
+    config = tiny_config()
+    D, theta = config.head_dim, config.rope_theta
+    x = torch.randn(1, 1, 5, D)
+    pos = torch.arange(5).float()
+    angles = pos[:, None] * torch.tensor([theta ** (-2 * i / D) for i in range(D // 2)])  # (T, D/2)
+    z = torch.complex(x[..., : D // 2], x[..., D // 2:]) * torch.polar(torch.ones_like(angles), angles)
+    expected = torch.cat([z.real, z.imag], dim=-1)
+    freqs = pos[:, None] * rope_inv_freq(config)
+    emb = torch.cat([freqs, freqs], -1)
+    assert torch.allclose(apply_rope(x, emb.cos(), emb.sin()), expected, atol=1e-5)
+
+
+def test_llama3_rope_scaling_matches_published_formula():
+    # Llama 3.1's frequency rule, written per frequency as in Meta's reference code.
+    s = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+             original_max_position_embeddings=8192)
+    config = tiny_config(hidden_size=512, num_attention_heads=4, rope_theta=500000.0, rope_scaling=s)
+    base = 1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128))
+    expected = []
+    for f in base.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < 8192 / 4.0:
+            expected.append(f)
+        elif wavelen > 8192 / 1.0:
+            expected.append(f / 8.0)
+        else:
+            smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+            expected.append((1 - smooth) * f / 8.0 + smooth * f)
+    got = rope_inv_freq(config)
+    assert torch.allclose(got, torch.tensor(expected), rtol=1e-6)
+    assert (got < base).any() and (got == base).any()  # both regimes are exercised
+
+
+def test_qwen2_has_and_uses_qkv_bias():
+    model = Transformer(tiny_config(model_type="qwen2")).eval()
+    keys = model.state_dict().keys()
+    assert "model.layers.0.self_attn.q_proj.bias" in keys and "model.layers.0.self_attn.o_proj.bias" not in keys
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        before = model(ids)
+        model.model.layers[0].self_attn.v_proj.bias.fill_(0.5)
+        assert not torch.allclose(model(ids), before)
+
+
+def write_checkpoint(path, model, shards=1):
+    """Save like Hugging Face does: config.json and one or several safetensors files (+ index)."""
+    path.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    config = {k: getattr(c, k) for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                                          "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                          "max_position_embeddings", "tie_word_embeddings", "rope_theta")}
+    (path / "config.json").write_text(json.dumps(config))
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()
+          if not (c.tie_word_embeddings and k == "lm_head.weight")}
+    if shards == 1:
+        save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+        return
+    keys, weight_map = sorted(sd), {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[i::shards]
+        save_file({k: sd[k] for k in part}, path / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_sharded_checkpoint_loads_to_the_same_logits(tmp_path):
+    model = Transformer(tiny_config(tie_word_embeddings=True)).eval()
+    write_checkpoint(tmp_path / "one", model)
+    write_checkpoint(tmp_path / "three", model, shards=3)
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        one = Transformer.from_pretrained(tmp_path / "one")(ids)
+        three = Transformer.from_pretrained(tmp_path / "three")(ids)
+    assert torch.equal(one, three) and torch.equal(one, model(ids))
+    loaded = Transformer.from_pretrained(tmp_path / "three")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
+
+
+def test_loading_does_not_materialize_twice(tmp_path):
+    # Built on the meta device: every parameter comes from the file, none from random init.
+    model = Transformer(tiny_config())
+    write_checkpoint(tmp_path, model)
+    loaded = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    for k, v in loaded.state_dict().items():
+        assert v.device.type == "cpu" and v.dtype == torch.bfloat16, k
+        assert torch.equal(v, model.state_dict()[k].to(torch.bfloat16)), k
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        Transformer.from_pretrained(tmp_path / "nowhere")
+    model = Transformer(tiny_config())
+    write_checkpoint(tmp_path / "ok", model)
+    sd = load_file(tmp_path / "ok" / "model.safetensors")
+
+    def variant(name, tensors):
+        d = tmp_path / name
+        write_checkpoint(d, model)
+        save_file(tensors, d / "model.safetensors")
+        return d
+
+    with pytest.raises(CheckpointError, match="missing tensor model.layers.1.mlp.up_proj.weight"):
+        Transformer.from_pretrained(variant("missing", {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}))
+    with pytest.raises(CheckpointError, match="unexpected tensor extra.weight"):
+        Transformer.from_pretrained(variant("extra", {**sd, "extra.weight": torch.zeros(1)}))
+    with pytest.raises(CheckpointError, match=r"model.norm.weight has shape \(3,\), expected \(64,\)"):
+        Transformer.from_pretrained(variant("shape", {**sd, "model.norm.weight": torch.zeros(3)}))
+    corrupt = tmp_path / "corrupt"
+    write_checkpoint(corrupt, model)
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        Transformer.from_pretrained(corrupt)
+    (corrupt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        Transformer.from_pretrained(corrupt)
+    unknown = tmp_path / "ok" / "config.json"
+    unknown.write_text(json.dumps({**json.loads(unknown.read_text()), "model_type": "falcon"}))
+    with pytest.raises(CheckpointError, match="model_type 'falcon' is not supported"):
+        Transformer.from_pretrained(tmp_path / "ok")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = Transformer(tiny_config()).train()
+    ids = torch.randint(0, 128, (2, 12))
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = flag
+        model(ids).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_doc_ids_keep_packed_examples_apart():
+    # Two examples packed in one row (positions restarting) give the logits each gives alone.
+    model = Transformer(tiny_config()).eval()
+    a, b = torch.randint(0, 128, (1, 5)), torch.randint(0, 128, (1, 7))
+    packed = torch.cat([a, b], dim=1)
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    doc = torch.tensor([[0] * 5 + [1] * 7])
+    with torch.no_grad():
+        out = model(packed, position_ids=pos, doc_ids=doc)
+        assert torch.allclose(out[:, :5], model(a), atol=1e-5)
+        assert torch.allclose(out[:, 5:], model(b), atol=1e-5)
