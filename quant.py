@@ -1,0 +1,283 @@
+"""NF4 quantization for QLoRA, written out by hand (Dettmers et al. 2023, arXiv:2305.14314).
+
+A frozen weight is cut into blocks of `blocksize` (64) consecutive elements, row-major. Each block is
+scaled by its absolute maximum into [-1, 1] and every element is rounded to the nearest of
+16 NormalFloat values, stored as a 4-bit index, two per byte. "Double quantization"
+then compresses the per-block fp32 absmax constants themselves: subtract their mean, and
+quantize them to 8 bits in blocks of 256 with bitsandbytes' dynamic 8-bit code.
+
+Memory per parameter:
+  no double quant:   4 + 32/64               = 4.5   bits
+  with double quant: 4 + 8/64 + 32/(64*256)  ≈ 4.127 bits   (+ one fp32 offset per tensor)
+
+The numbers match bitsandbytes' CPU path byte for byte (codes, absmax, nested absmax, offset),
+so bitsandbytes' kernels can consume these tensors (the CUDA path below does); tests/test_quant.py
+checks this.
+"""
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# NF4: quantiles of N(0, 1) with equal probability mass per bin, normalised to [-1, 1].
+# 8 positive values norm.ppf(linspace(o, 0.5, 9)[:-1]), 7 negative -norm.ppf(linspace(o, 0.5,
+# 8)[:-1]) and an exact 0 (so zero-padding and zero weights are lossless), all divided by
+# norm.ppf(o), where o = 1 - (1/30 + 1/32)/2 = 0.9677083 keeps the outermost quantile finite.
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])  # (16,) fp32, sorted
+NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2  # (15,) fp32, rounding thresholds
+# byte -> (value of its high nibble, value of its low nibble): a (256, 2) fp32 table stored as
+# (256,) int64 so that one index_select fetches both values (~10x faster than fancy indexing).
+NF4_BYTE_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], 1).view(torch.int64).view(-1)
+
+
+def dynamic_code_8bit() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit "dynamic" code (Dettmers 2015), used for the absmax statistics.
+
+    A sign, a decimal exponent 10^-6 .. 10^0 and a linear fraction that gets more steps as the
+    exponent grows: exponent 10^(e-6) covers [0.1, 1] * 10^(e-6) with 2^e bin centres. 127
+    positive, 127 negative values, 0 and 1.0; (256,) fp32, sorted.
+    """
+    values = [torch.tensor([0.0, 1.0])]
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2**e + 1)
+        centres = (edges[:-1] + edges[1:]) / 2.0 * 10.0 ** (e - 6)
+        values += [centres, -centres]
+    return torch.cat(values).sort().values
+
+
+DYNAMIC_CODE = dynamic_code_8bit()
+DYNAMIC_MIDPOINTS = (DYNAMIC_CODE[:-1] + DYNAMIC_CODE[1:]) * 0.5
+NESTED_BLOCKSIZE = 256
+_CHUNK_BLOCKS = 16384  # blocks per chunk: bounds fp32 temporaries to ~4 MB at blocksize 64
+
+
+def nearest_nf4(scaled: torch.Tensor) -> torch.Tensor:
+    """uint8 index of the nearest NF4 code for values in [-1, 1]: the number of midpoints
+    strictly below, so a value exactly on a midpoint takes the lower code, like bitsandbytes'
+    bucketize(right=False). 15 vectorized compares are ~3x faster than torch.bucketize on CPU."""
+    idx = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
+    for m in NF4_MIDPOINTS.tolist():
+        idx += scaled > m
+    return idx
+
+
+@dataclass
+class NF4Weight:
+    packed: torch.Tensor  # (ceil(n/2),) uint8; element 2i in the high nibble, 2i+1 in the low
+    absmax: torch.Tensor  # (nblocks,) fp32, or uint8 indices into DYNAMIC_CODE if double-quantized
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    nested_absmax: torch.Tensor | None = None  # (ceil(nblocks/256),) fp32 scale per absmax block
+    offset: torch.Tensor | None = None  # () fp32 mean of the absmax, subtracted before quantizing
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Blockwise NF4-quantize any float tensor (flattened row-major, blocks of `blocksize`)."""
+    flat = w.detach().reshape(-1)
+    n = flat.numel()
+    nfull, tail = divmod(n, blocksize)
+    absmax = torch.empty(nfull + (tail > 0), dtype=torch.float32, device=w.device)
+    # An odd count is padded with code 7 (0.0): bitsandbytes pads the scaled values with zero.
+    codes = torch.full((n + n % 2,), 7, dtype=torch.uint8, device=w.device)
+    for b0 in range(0, nfull, _CHUNK_BLOCKS):  # chunks keep peak memory near the 4-bit size
+        b1 = min(b0 + _CHUNK_BLOCKS, nfull)
+        x = flat[b0 * blocksize:b1 * blocksize].float().view(-1, blocksize)
+        absmax[b0:b1] = x.abs().amax(dim=1)
+        # Multiply by the fp32 reciprocal (not divide): same rounding as bitsandbytes.
+        scaled = (x * (1.0 / absmax[b0:b1].clamp(min=1e-38))[:, None]).clamp_(-1, 1)
+        codes[b0 * blocksize:b1 * blocksize] = nearest_nf4(scaled).view(-1)
+    if tail:
+        # bitsandbytes treats the ragged last block differently: it stores the clamped absmax
+        # and divides instead of multiplying by the reciprocal (can differ by 1 ulp).
+        x = flat[nfull * blocksize:].float()
+        absmax[-1] = x.abs().amax().clamp(min=1e-38)
+        scaled = (x / absmax[-1]).clamp(-1, 1)
+        codes[nfull * blocksize:n] = nearest_nf4(scaled)
+    packed = codes[0::2] << 4 | codes[1::2]
+    if not double_quant:
+        return NF4Weight(packed, absmax, w.shape, w.dtype, blocksize)
+    # The absmax values are all positive and similar: centring them uses the signed code well.
+    offset = absmax.mean()
+    qabsmax, nested_absmax = _quantize_dynamic_8bit(absmax - offset)
+    return NF4Weight(packed, qabsmax, w.shape, w.dtype, blocksize, nested_absmax, offset)
+
+
+def _quantize_dynamic_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
+    """8-bit blockwise quantization of a 1-D fp32 tensor with DYNAMIC_CODE -> (uint8 codes, fp32 absmax).
+
+    Mirrors bitsandbytes' CPU kernel, which is *not* exact nearest rounding: it snaps the
+    scaled value to a grid of 65536 points on [-1, 1] and rounds that grid point to the
+    nearest code, so values that fall between two codes closer than 2/65535 may be off by one.
+    """
+    n = x.numel()
+    blocks = F.pad(x, (0, -n % blocksize)).view(-1, blocksize)  # zero padding leaves absmax unchanged
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax)[:, None]).clamp(-1, 1)
+    grid = ((scaled + 1) * 0.5 * 65535 + 0.5).to(torch.int32)  # truncation = the C cast
+    grid_value = (2.0 * grid.float()) / 65535 - 1.0
+    codes = torch.searchsorted(DYNAMIC_MIDPOINTS.to(x.device), grid_value)  # ties -> lower code
+    codes = codes.masked_fill(absmax[:, None] == 0, 0)  # all-zero block: code 0, scale 0
+    return codes.view(-1)[:n].to(torch.uint8), absmax
+
+
+def absmax_fp32(q: NF4Weight) -> torch.Tensor:
+    """(nblocks,) fp32 per-block scales, undoing double quantization if it was used."""
+    if q.nested_absmax is None:
+        return q.absmax
+    scale = q.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:q.absmax.numel()]
+    return DYNAMIC_CODE.to(scale.device)[q.absmax.long()] * scale + q.offset
+
+
+def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rebuild the weight in `dtype` (default: the original dtype) and original shape."""
+    n, bs = q.shape.numel(), q.blocksize
+    absmax = absmax_fp32(q)
+    pairs = NF4_BYTE_PAIRS.to(q.packed.device).index_select(0, q.packed.int())  # (ceil(n/2),) int64
+    w = pairs.view(torch.float32)[:n]  # (n,) fp32 code values
+    nfull = n // bs
+    w[:nfull * bs].view(nfull, bs).mul_(absmax[:nfull, None])  # fp32 product, then one rounding to dtype
+    w[nfull * bs:].mul_(absmax[nfull:])
+    return w.to(dtype or q.dtype).view(q.shape)
+
+
+def _dequantize_bnb(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """Same numbers as dequantize_nf4, from bitsandbytes' fused CUDA kernel (imported only here)."""
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+    dev = q.packed.device
+    state2 = None if q.nested_absmax is None else QuantState(
+        q.nested_absmax, code=DYNAMIC_CODE.to(dev), blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+    state = QuantState(q.absmax, shape=q.shape, code=NF4_CODE.to(dev), blocksize=q.blocksize,
+                       quant_type="nf4", dtype=dtype, offset=q.offset, state2=state2)
+    return dequantize_4bit(q.packed.view(-1, 1), state)
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x @ W.T + b where W is rebuilt from 4 bits in forward and again in backward, so no
+    full-precision copy of W outlives either call (the QLoRA memory trick). W is frozen:
+    only x gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, dequantize, bias):
+        ctx.dequantize = dequantize  # a bound method of the module: holds only the 4-bit buffers
+        return F.linear(x, dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out: (..., out_features)
+        return grad_out @ ctx.dequantize(grad_out.dtype), None, None  # (..., in_features)
+
+
+class NF4Linear(nn.Module):
+    """A frozen nn.Linear whose weight (out_features, in_features) is stored as NF4.
+
+    Buffers (the state_dict keys): packed, absmax, plus nested_absmax and offset when
+    double-quantized, plus bias if present. Cast the model to its dtype *before* quantizing:
+    Module.to(dtype) would also round the fp32 statistics.
+    """
+
+    def __init__(self, in_features, out_features, bias=False, blocksize=64, double_quant=True,
+                 compute_dtype=torch.bfloat16, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.blocksize, self.double_quant, self.compute_dtype = blocksize, double_quant, compute_dtype
+        n = in_features * out_features
+        nblocks = -(-n // blocksize)
+        zeros = lambda *shape, dtype=torch.float32: torch.zeros(shape, dtype=dtype, device=device)
+        self.register_buffer("packed", zeros((n + 1) // 2, dtype=torch.uint8))
+        self.register_buffer("absmax", zeros(nblocks, dtype=torch.uint8 if double_quant else torch.float32))
+        self.register_buffer("nested_absmax", zeros(-(-nblocks // NESTED_BLOCKSIZE)) if double_quant else None)
+        self.register_buffer("offset", zeros() if double_quant else None)
+        self.register_buffer("bias", zeros(out_features, dtype=compute_dtype) if bias else None)
+
+    @classmethod
+    def from_weight(cls, weight, bias=None, blocksize=64, double_quant=True):
+        """Quantize weight (out, in); its dtype becomes the compute dtype of dequantize()."""
+        out_features, in_features = weight.shape
+        q = quantize_nf4(weight, blocksize, double_quant)
+        # On "meta" the placeholder buffers cost nothing; every one of them is replaced here.
+        m = cls(in_features, out_features, bias is not None, blocksize, double_quant, weight.dtype, "meta")
+        m.packed, m.absmax, m.nested_absmax, m.offset = q.packed, q.absmax, q.nested_absmax, q.offset
+        m.bias = None if bias is None else bias.detach().clone()
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize=64, double_quant=True):
+        return cls.from_weight(linear.weight, linear.bias, blocksize, double_quant)
+
+    def nf4(self) -> NF4Weight:
+        shape = torch.Size((self.out_features, self.in_features))
+        return NF4Weight(self.packed, self.absmax, shape, self.compute_dtype, self.blocksize,
+                         self.nested_absmax, self.offset)
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        """The full (out, in) weight in `dtype` (default: compute dtype), e.g. to merge LoRA into."""
+        dtype = dtype or self.compute_dtype
+        if self.packed.is_cuda and importlib.util.find_spec("bitsandbytes") is not None:
+            return _dequantize_bnb(self.nf4(), dtype)
+        return dequantize_nf4(self.nf4(), dtype)
+
+    def forward(self, x):  # (..., in_features) -> (..., out_features)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return _NF4Matmul.apply(x, self.dequantize, bias)
+
+    def extra_repr(self):
+        nbytes = sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "bias")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, nf4_bytes={nbytes}")
+
+
+def quantize_model(model: nn.Module, skip=("lm_head",), blocksize=64, double_quant=True) -> nn.Module:
+    """Replace, in place, every nn.Linear by an NF4Linear unless a component of its name is in
+    `skip`. Embeddings and norms are not Linears and stay in the compute dtype, as in QLoRA."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name and not set(name.split(".")) & set(skip):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, NF4Linear.from_linear(module, blocksize, double_quant))
+    return model
+
+
+# Optimizer state bytes per trainable parameter: AdamW keeps two fp32 moments; the 8-bit
+# variants keep two uint8 moments (ignoring their per-block absmax, ~1%, and bitsandbytes'
+# fp32 fallback for tensors under 4096 elements).
+OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def memory_report(model: nn.Module, optimizer: str = "adamw") -> dict:
+    """Bytes held by the model for training: frozen base weights by kind, trainable params,
+    their grads, and the optimizer state estimate. Trainable = requires_grad."""
+    nf4 = {id(b) for m in model.modules() if isinstance(m, NF4Linear)
+           for name, b in m.named_buffers(recurse=False) if name != "bias"}
+    base, trainable_params, trainable_bytes = {}, 0, 0
+    for t in [*model.parameters(), *model.buffers()]:
+        nbytes = t.numel() * t.element_size()
+        if t.requires_grad:
+            trainable_params += t.numel()
+            trainable_bytes += nbytes
+        else:
+            kind = "nf4" if id(t) in nf4 else _DTYPE_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
+            base[kind] = base.get(kind, 0) + nbytes
+    optimizer_bytes = trainable_params * OPTIMIZER_BYTES_PER_PARAM[optimizer]
+    base_bytes = sum(base.values())
+    return {"base": base, "base_bytes": base_bytes, "trainable_params": trainable_params,
+            "trainable_bytes": trainable_bytes, "grad_bytes": trainable_bytes, "optimizer": optimizer,
+            "optimizer_bytes": optimizer_bytes, "total_bytes": base_bytes + 2 * trainable_bytes + optimizer_bytes}
+
+
+def format_memory_report(r: dict) -> str:
+    mib = lambda b: f"{b / 2**20:9.2f} MiB"
+    kinds = ", ".join(f"{k} {mib(v).strip()}" for k, v in sorted(r["base"].items()))
+    return "\n".join([
+        f"base weights {mib(r['base_bytes'])}  ({kinds})",
+        f"trainable    {mib(r['trainable_bytes'])}  ({r['trainable_params']:,} params)",
+        f"grads        {mib(r['grad_bytes'])}",
+        f"optimizer    {mib(r['optimizer_bytes'])}  ({r['optimizer']})",
+        f"total        {mib(r['total_bytes'])}",
+    ])
