@@ -43,3 +43,35 @@ def write_tiny_tokenizer(path, vocab_size=128):
     tok.add_special_tokens(specials)
     path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A random tiny model saved as a Hugging Face folder, with a ChatML word-level tokenizer."""
+    import json
+
+    from model import Transformer
+    from test_model import write_checkpoint
+
+    path = tmp_path / "tiny"
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    with torch.no_grad():  # default init caps logit gaps (|h| ~ 8, |w_v| ~ 0.6): a frozen
+        model.lm_head.weight.mul_(8)  # head like that keeps any loss above ~1 nat; widen it
+    write_checkpoint(path, model)
+    write_tiny_tokenizer(path)
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "add_bos_token": False,
+        "chat_template": "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}"}))
+    return path
+
+
+def write_jsonl(path, records):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def chat(q, a):
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
