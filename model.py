@@ -246,21 +246,32 @@ class Transformer(nn.Module):
         elif start > 0 and T > 1:  # new tokens see the whole cache and each other causally: (T, start+T)
             mask = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
         for block in self.model.layers:
+            if x.device != (d := block.input_layernorm.weight.device):  # after split_layers
+                x, cos, sin, mask = (t if t is None else t.to(d) for t in (x, cos, sin, mask))
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, mask, start, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, start)
-        return self.model.norm(x)
+        return self.model.norm(x.to(self.model.norm.weight.device))
 
     def forward(self, input_ids, position_ids=None, doc_ids=None, start=0):
         return self.lm_head(self.hidden(input_ids, position_ids, doc_ids, start))  # (B, T, vocab)
+
+    def split_layers(self, devices):
+        """Spread the blocks evenly over devices, in order, for a model too large for one GPU
+        (one process; devices take turns). Embeddings, final norm and lm_head (tied with the
+        embeddings in some models) stay on the first device."""
+        n = len(self.model.layers)
+        for i, block in enumerate(self.model.layers):
+            block.to(devices[i * len(devices) // n])
+        return self
 
     def setup_cache(self, batch_size, max_len):
         """Give each attention layer a KV cache of max_len positions (None to remove them)."""
         c, p = self.config, self.lm_head.weight
         for block in self.model.layers:
             block.self_attn.kv_cache = None if batch_size is None else KVCache(
-                batch_size, max_len, c.num_key_value_heads, c.head_dim, p.dtype, p.device)
+                batch_size, max_len, c.num_key_value_heads, c.head_dim, p.dtype, block.input_layernorm.weight.device)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", quantize=None):
