@@ -110,6 +110,7 @@ def apply_lora(model, r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_p
         if adapter_name in module.lora_A:
             raise LoRAError(f"adapter {adapter_name!r} already exists on {name}")
         module.add(adapter_name, r, alpha, dropout, use_rslora, dtype)
+        module.train(model.training)  # new modules start in training mode: follow the model's
     model.lora_config = getattr(model, "lora_config", {})
     model.lora_config[adapter_name] = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
                                            target_modules=sorted(set(targets)))
