@@ -13,22 +13,30 @@ W' = W + scaling * B @ A, and costs nothing at inference. With QLoRA the frozen 
 On disk, an adapter is what PEFT writes, so PEFT, vLLM and llama.cpp's converter read ours and
 we read theirs: adapter_config.json and adapter_model.safetensors with keys like
 base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight.
+
+    apply_lora(model, r=16, alpha=32, target_modules="all-linear")   # then train
+    save_adapter(model, "out/lora");  load_adapter(other_model, "out/lora")
 """
 import json
 import math
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from model import InputError
 
-BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # PEFT's key = prefix + module name + ".lora_A.weight"
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+# LoraConfig settings that change the computation or add weights: refused, never silently ignored.
+UNSUPPORTED = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "lora_bias",
+               "layer_replication", "trainable_token_indices", "target_parameters", "use_qalora",
+               "alora_invocation_tokens", "use_bdlora", "velora_config", "kasa_config", "monteclora_config",
+               "arrow_config")
 
 
 class LoRAError(InputError):
@@ -36,84 +44,111 @@ class LoRAError(InputError):
 
 
 class LoRALinear(nn.Module):
-    """A frozen base linear (nn.Linear or quant.NF4Linear) plus named low-rank adapters."""
+    """A frozen base layer (nn.Linear, or quant.NF4Linear for QLoRA) plus named adapters, each
+    lora_A[name] (r, in), lora_B[name] (out, r) and scaling[name]. One adapter is `active`;
+    `disabled` skips adapters; `merged` names the adapter already folded into the base weight."""
 
     def __init__(self, base):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
-        self.scaling, self.dropout = {}, nn.ModuleDict()
-        self.active = None  # name of the adapter in use; None: base only
-        self.merged = None  # name of the adapter folded into the base weight, if any
+        self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.scaling = {}
+        self.active, self.disabled, self.merged = None, False, None
+        self.merged_into_nf4 = False  # the base was dequantized to merge: unmerging can't restore NF4
 
-    def add(self, name, r, alpha, dropout=0.0, use_rslora=False, dtype=torch.float32):
+    def add_adapter(self, name, r, alpha, dropout=0.0, use_rslora=False, dtype=torch.float32):
         device = next(iter(self.base.state_dict().values())).device
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
-        # A as nn.Linear's default init (kaiming-uniform, a=sqrt(5)), as PEFT does; B = 0 so
-        # B @ A = 0 and training starts exactly from the base model.
+        # A: kaiming-uniform with a=sqrt(5), which is nn.Linear's own default, U(-1/sqrt(in), 1/sqrt(in)),
+        # kept by PEFT: the entries of A x are then about the size of x's, whatever `in` is.
+        # B: zero, so B @ A = 0 and training starts exactly at the base model (B gets the first
+        # gradient; with A zero too, neither would ever get one).
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
-        self.dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # alpha / r shrinks the update as r grows, so large ranks barely learn; rsLoRA's
+        # alpha / sqrt(r) keeps its size steady across ranks.
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.active = name
 
     def delta_weight(self, name):
-        """scaling * B @ A: (out, in), the update the adapter makes to the base weight."""
-        return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
+        """scaling * B @ A: (out, in) in fp32, the update the adapter makes to the base weight."""
+        return self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
 
     def forward(self, x):
         y = self.base(x)
         name = self.active
-        if name is None or name == self.merged:
+        if name is None or self.disabled or self.merged:  # merged: base(x) already includes it
             return y
         A, B = self.lora_A[name], self.lora_B[name]
-        # x: (..., in) -> A: (..., r) -> B: (..., out); in the adapter's dtype, added in y's
-        return y + (B(A(self.dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]).to(y.dtype)
+        # (..., in) -A-> (..., r) -B-> (..., out), in the adapter's dtype; added in y's dtype
+        return y + (B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        """W <- W + scaling * B @ A for the active adapter, summed in fp32 and rounded once."""
+        if not isinstance(self.base, nn.Linear):  # NF4: W + BA is not NF4 any more
+            self.base, self.merged_into_nf4 = dequantized_linear(self.base), True
+        w = self.base.weight
+        w.copy_(w.float() + self.delta_weight(self.active))
+        self.merged = self.active
+
+    @torch.no_grad()
+    def unmerge(self):
+        w = self.base.weight
+        w.copy_(w.float() - self.delta_weight(self.merged))
+        self.merged = None
 
     def extra_repr(self):
         return f"adapters={list(self.lora_A)}, active={self.active}, merged={self.merged}"
 
 
+def dequantized_linear(nf4):
+    """A frozen nn.Linear holding an NF4Linear's weight, dequantized to its compute dtype."""
+    w = nf4.dequantize()
+    linear = nn.Linear(nf4.in_features, nf4.out_features, bias=nf4.bias is not None, device="meta")
+    linear.weight = nn.Parameter(w, requires_grad=False)
+    if nf4.bias is not None:
+        linear.bias = nn.Parameter(nf4.bias.clone(), requires_grad=False)
+    return linear
+
+
+def unwrap(model):
+    """The model inside a DistributedDataParallel wrapper, whose names start with "module."."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def lora_layers(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, LoRALinear)]
 
 
 def block_linears(model):
-    """{name: module} of the linear layers in the transformer blocks (LoRA-wrapped or not)."""
+    """{name: layer} of the linear layers in the transformer blocks, LoRA-wrapped or not: what
+    LoRA may target (never lm_head or the embeddings, as in PEFT)."""
     inside_lora = {"base", "lora_A", "lora_B"}
-    return {n: m for n, m in model.named_modules() if ".layers." in n and hasattr(m, "in_features")
-            and not inside_lora & set(n.split("."))}
+    return {n: m for n, m in model.named_modules()
+            if ".layers." in n and hasattr(m, "in_features") and not inside_lora & set(n.split("."))}
 
 
 def apply_lora(model, r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj"), use_rslora=False,
                adapter_name="default", dtype=torch.float32, verbose=True):
-    """Add an adapter to the named linear layers of the blocks and freeze everything else.
-    target_modules: names such as ["q_proj", "v_proj"], or "all-linear" (the 7 linears of each
-    block; never lm_head, as PEFT). Call again with another adapter_name to add a second."""
-    targets = BLOCK_LINEARS if target_modules == "all-linear" else tuple(target_modules)
+    """Add adapter `adapter_name` to the block linears whose name ends in one of target_modules
+    (or to all of them: "all-linear"), make it the active one and freeze everything else.
+    Call again with another adapter_name to add a second adapter."""
     if r < 1:
         raise LoRAError(f"LoRA rank r must be positive, not {r}")
     linears = block_linears(model)
-    candidates = {n.rsplit(".", 1)[-1] for n in linears}
-    if unknown := sorted(set(targets) - candidates):
-        raise LoRAError(f"target module {unknown[0]!r} matches no layer; the model's linear layers are: "
-                        + ", ".join(sorted(candidates)))
-    for name, module in linears.items():
-        if name.rsplit(".", 1)[-1] not in targets:
-            continue
-        if not isinstance(module, LoRALinear):
-            parent, child = name.rsplit(".", 1)
-            module = LoRALinear(module)
-            setattr(model.get_submodule(parent), child, module)
-        if adapter_name in module.lora_A:
-            raise LoRAError(f"adapter {adapter_name!r} already exists on {name}")
-        module.add(adapter_name, r, alpha, dropout, use_rslora, dtype)
-        module.train(model.training)  # new modules start in training mode: follow the model's
-    model.lora_config = getattr(model, "lora_config", {})
-    model.lora_config[adapter_name] = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
-                                           target_modules=sorted(set(targets)))
+    if target_modules == "all-linear":
+        names = list(linears)
+    else:
+        targets = {target_modules} if isinstance(target_modules, str) else set(target_modules)
+        existing = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        if unknown := sorted(targets - set(existing)):
+            raise LoRAError(f"target module {unknown[0]!r} matches no layer; the model's linear layers are: "
+                            f"{', '.join(existing)} (or all-linear)")
+        names = [n for n in linears if n.rsplit(".", 1)[-1] in targets]
+    add_adapter(model, names, adapter_name, dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora), dtype)
     set_adapter(model, adapter_name)
     if verbose:
         trainable, total = count_parameters(model)
@@ -121,79 +156,98 @@ def apply_lora(model, r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_p
     return model
 
 
+def add_adapter(model, names, adapter_name, settings, dtype):
+    """Wrap the named layers in LoRALinear (once) and give each a new adapter; the settings
+    (r, alpha, dropout, use_rslora) are kept on the model for save_adapter."""
+    if adapter_name in getattr(model, "lora_config", {}):
+        raise LoRAError(f"the model already has an adapter named {adapter_name!r}")
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, LoRALinear):
+            parent, _, child = name.rpartition(".")
+            layer = LoRALinear(layer)
+            setattr(model.get_submodule(parent), child, layer)
+        layer.add_adapter(adapter_name, dtype=dtype, **settings)
+        layer.train(model.training)  # new modules start in training mode (dropout on): follow the model
+    model.lora_config = {**getattr(model, "lora_config", {}), adapter_name: settings}
+
+
 def count_parameters(model):
-    """(trainable, all) parameter counts; NF4 weights count as their unpacked size, as PEFT does."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    total += sum(m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "NF4Linear")
+    """(trainable, all) as PEFT's print_trainable_parameters counts them: tied weights once,
+    and an NF4 weight (packed buffers, not parameters) as its in * out numbers."""
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    total += sum(m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
+                 for m in model.modules() if hasattr(m, "dequantize"))
     return trainable, total
 
 
 def set_adapter(model, name):
-    """Use adapter `name` everywhere; only its A and B are trainable, everything else frozen."""
-    layers = lora_layers(model)
-    if not any(name in m.lora_A for _, m in layers):
-        raise LoRAError(f"no adapter named {name!r} (loaded: {', '.join(getattr(model, 'lora_config', {})) or 'none'})")
+    """Make `name` the active adapter (layers without it compute as the base); only its A and B
+    stay trainable, everything else is frozen."""
+    layers = [m for _, m in lora_layers(model)]
+    if not any(name in m.lora_A for m in layers):
+        have = sorted({a for m in layers for a in m.lora_A})
+        raise LoRAError(f"no adapter named {name!r} (the model has: {', '.join(have) or 'none'})")
+    if any(m.merged not in (None, name) for m in layers):
+        raise LoRAError(f"cannot switch to adapter {name!r} while another is merged; unmerge_lora first")
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, m in layers:
+    for m in layers:
         m.active = name if name in m.lora_A else None
-        if name in m.lora_A:
+        if m.active:
             m.lora_A[name].weight.requires_grad_(True)
             m.lora_B[name].weight.requires_grad_(True)
 
 
 @contextmanager
 def disable_adapters(model):
-    """Inside, the model computes as the base model (merged adapters excepted)."""
-    saved = [(m, m.active) for _, m in lora_layers(model)]
-    for m, _ in saved:
-        m.active = None
+    """Inside, the model computes exactly as the base model (e.g. as a reference model)."""
+    layers = [m for _, m in lora_layers(model)]
+    if any(m.merged for m in layers):
+        raise LoRAError("cannot disable adapters merged into the weights; unmerge_lora first")
+    saved = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
     try:
         yield model
     finally:
-        for m, active in saved:
-            m.active = active
+        for m, disabled in zip(layers, saved):
+            m.disabled = disabled
 
 
 # --- merging -------------------------------------------------------------------------------------
 
 def merge_lora(model):
-    """Fold the active adapter into each base weight: W += scaling * B @ A (in W's dtype).
-    An NF4 base is dequantized first and becomes an nn.Linear (a merged weight is not NF4)."""
-    nf4 = 0
-    for _, m in lora_layers(model):
-        if m.active is None or m.merged is not None:
-            continue
-        if not isinstance(m.base, nn.Linear):  # NF4Linear
-            w = m.base.dequantize()
-            linear = nn.Linear(m.in_features, m.out_features, bias=m.base.bias is not None, device=w.device, dtype=w.dtype)
-            linear.weight.data, linear.weight.requires_grad = w, False
-            if m.base.bias is not None:
-                linear.bias.data, linear.bias.requires_grad = m.base.bias.clone(), False
-            m.base, nf4 = linear, nf4 + 1
-        with torch.no_grad():
-            m.base.weight += m.delta_weight(m.active).to(m.base.weight.dtype)
-        m.merged = m.active
+    """Fold the active adapter into each base weight; forwards then cost no more than the base.
+    An NF4 base is dequantized first and becomes an nn.Linear in its compute dtype."""
+    layers = [m for _, m in lora_layers(model) if m.active and not m.merged]
+    nf4 = [m for m in layers if not isinstance(m.base, nn.Linear)]
+    for m in layers:
+        m.merge()
     if nf4:
-        print(f"merge_lora: dequantized {nf4} NF4 layers to {m.base.weight.dtype} to merge into them")
+        print(f"merge_lora: dequantized {len(nf4)} NF4 layers to {nf4[0].base.weight.dtype} to merge into them")
 
 
 def unmerge_lora(model):
-    """Undo merge_lora: W -= scaling * B @ A (exact up to float rounding)."""
-    for _, m in lora_layers(model):
-        if m.merged is not None:
-            with torch.no_grad():
-                m.base.weight -= m.delta_weight(m.merged).to(m.base.weight.dtype)
-            m.merged = None
+    """Undo merge_lora: W <- W - scaling * B @ A (exact up to float rounding)."""
+    layers = [(n, m) for n, m in lora_layers(model) if m.merged]
+    for name, m in layers:
+        if m.merged_into_nf4:
+            raise LoRAError(f"cannot unmerge {name}: its NF4 weight was dequantized to merge into "
+                            "(the NF4 values are gone); reload the base model instead")
+    for _, m in layers:
+        m.unmerge()
 
 
 def merge_and_unload(model):
-    """Merge, then put each plain base layer back in place of its LoRALinear: the model's
-    state_dict has the original Hugging Face key names again (merge.py writes it)."""
+    """Merge, then put each plain base layer back in place of its LoRALinear: the model is a
+    plain Transformer again and its state_dict has the Hugging Face key names (for merge.py)."""
+    model = unwrap(model)
     merge_lora(model)
     for name, m in lora_layers(model):
-        parent, child = name.rsplit(".", 1)
+        parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, m.base)
     model.lora_config = {}
     return model
@@ -202,107 +256,129 @@ def merge_and_unload(model):
 # --- the PEFT format on disk ---------------------------------------------------------------------
 
 def save_adapter(model, path, adapter_name="default", base_model_name_or_path=None):
-    """adapter_config.json + adapter_model.safetensors in `path`, written in a temporary folder
-    and moved into place, so a crash never leaves half an adapter."""
+    """Write adapter_config.json + adapter_model.safetensors (A and B only, never base weights)
+    into `path`. Both are written in a temporary folder beside them, then moved into place:
+    a crash never leaves half a file, and the config lands last, after its weights."""
     from safetensors.torch import save_file
 
-    model = getattr(model, "module", model)  # DDP-wrapped
-    cfg = model.lora_config[adapter_name]
-    tensors = {}
+    model = unwrap(model)
+    settings = getattr(model, "lora_config", {}).get(adapter_name)
+    if settings is None:
+        raise LoRAError(f"the model has no adapter named {adapter_name!r} to save")
+    tensors, targets = {}, set()
     for name, m in lora_layers(model):
-        if adapter_name in m.lora_A:
-            key = PEFT_PREFIX + name
-            tensors[f"{key}.lora_A.weight"] = m.lora_A[adapter_name].weight.detach().contiguous().cpu()
-            tensors[f"{key}.lora_B.weight"] = m.lora_B[adapter_name].weight.detach().contiguous().cpu()
+        if adapter_name in m.lora_A:  # PEFT's keys have no adapter name in them
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A[adapter_name].weight.detach().cpu().contiguous()
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B[adapter_name].weight.detach().cpu().contiguous()
+            targets.add(name.rsplit(".", 1)[-1])
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
-                  r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
-                  target_modules=cfg["target_modules"], use_rslora=cfg["use_rslora"], bias="none",
+                  revision=None, r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
+                  use_rslora=settings["use_rslora"], target_modules=sorted(targets), bias="none",
                   fan_in_fan_out=False, init_lora_weights=True, inference_mode=True, modules_to_save=None,
-                  use_dora=False, layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={},
-                  revision=None)
+                  use_dora=False, layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={})
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    # weights first, config last: a folder with a config always has its weights
-    os.replace(tmp / "adapter_model.safetensors", path / "adapter_model.safetensors")
-    os.replace(tmp / "adapter_config.json", path / "adapter_config.json")
-    tmp.rmdir()
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=path))
+    try:
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        for file in (WEIGHTS_FILE, CONFIG_FILE):
+            os.replace(tmp / file, path / file)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_adapter(path):
-    """(config dict, {key: tensor}) of a PEFT LoRA adapter folder, checked for what we support."""
+    """(config, {key: tensor}) of a PEFT LoRA adapter folder, refusing what we don't implement."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not config_file.exists():
-        raise LoRAError(f"{path}: no adapter_config.json (not a PEFT adapter folder)")
-    if not weights_file.exists():
-        raise LoRAError(f"{path}: no adapter_model.safetensors (only safetensors adapters are loaded, never pickles)")
+    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not config_file.is_file():
+        raise LoRAError(f"{path}: no {CONFIG_FILE} (not a PEFT adapter folder)")
+    if not weights_file.is_file():
+        raise LoRAError(f"{path}: no {WEIGHTS_FILE} (adapters are read from safetensors only, never pickles)")
     try:
         config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise LoRAError(f"{config_file}: not valid JSON ({e})") from None
-    if config.get("peft_type", "LORA") != "LORA":
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoRAError(f"{config_file}: cannot read it ({e})") from None
+    if config.get("peft_type") != "LORA":
         raise LoRAError(f"{config_file}: peft_type {config.get('peft_type')!r} is not LORA")
-    for key, ok in (("use_dora", not config.get("use_dora")), ("modules_to_save", not config.get("modules_to_save")),
-                    ("bias", config.get("bias", "none") == "none"), ("rank_pattern", not config.get("rank_pattern")),
-                    ("alpha_pattern", not config.get("alpha_pattern"))):
-        if not ok:
+    for key, kind in (("r", int), ("lora_alpha", (int, float))):
+        if not isinstance(config.get(key), kind) or config[key] <= 0:
+            raise LoRAError(f"{config_file}: {key} must be a positive number, not {config.get(key)!r}")
+    for key in UNSUPPORTED:
+        if config.get(key):  # each is falsy (False, None, {}, []) when unused
             raise LoRAError(f"{config_file}: {key}={config[key]!r} is not supported")
+    if config.get("bias", "none") != "none":
+        raise LoRAError(f"{config_file}: bias={config['bias']!r} is not supported (only 'none')")
     try:
         tensors = load_file(weights_file)
-    except Exception as e:
+    except Exception as e:  # safetensors raises its own error types for a damaged file
         raise LoRAError(f"{weights_file}: not a readable safetensors file ({e})") from None
     return config, tensors
 
 
-def load_adapter(model, path, adapter_name="default"):
-    """Add the adapter at `path` to the model as `adapter_name` (and make it active), after
-    checking that every tensor fits a layer of this model."""
-    config, tensors = read_adapter(path)
-    weights_file = Path(path) / "adapter_model.safetensors"
-    layers = {n: m for n, m in model.named_modules()}
-    shapes = {}
+def match_adapter(model, path, config, tensors):
+    """{layer name: {"lora_A": A, "lora_B": B}}, after checking that every tensor is the A or B
+    of a block linear of this model, with shapes A: (r, in), B: (out, r)."""
+    weights_file, r = Path(path) / WEIGHTS_FILE, config["r"]
+    linears, layers = block_linears(model), {}
     for key, t in tensors.items():
         if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise LoRAError(f"{weights_file}: unexpected tensor {key} (only LoRA A/B weights are loaded)")
-        name, ab = key[len(PEFT_PREFIX):].rsplit(".", 2)[0], key.split(".")[-2]
-        base = layers.get(name)
-        if isinstance(base, LoRALinear):
-            base = base.base
-        if base is None or not hasattr(base, "in_features"):
-            raise LoRAError(f"{weights_file}: {key} names no linear layer of this model (adapter for another base?)")
-        r = config["r"]
-        expected = (r, base.in_features) if ab == "lora_A" else (base.out_features, r)
+            raise LoRAError(f"{weights_file}: unexpected tensor {key} (only LoRA A/B weights are supported)")
+        name, part = key[len(PEFT_PREFIX):-len(".lora_A.weight")], key.split(".")[-2]
+        if name not in linears:
+            raise LoRAError(f"{weights_file}: {key}: this model has no linear layer {name} in its "
+                            "transformer blocks (an adapter for another base?)")
+        layer = linears[name]
+        expected = (r, layer.in_features) if part == "lora_A" else (layer.out_features, r)
         if tuple(t.shape) != expected:
-            raise LoRAError(f"{weights_file}: {key} has shape {tuple(t.shape)}, this model needs {expected} "
-                            "(adapter for another base?)")
-        shapes.setdefault(name, set()).add(ab)
-    if not shapes or any(v != {"lora_A", "lora_B"} for v in shapes.values()):
-        raise LoRAError(f"{weights_file}: every layer needs both lora_A and lora_B weights")
-    targets = sorted({n.rsplit(".", 1)[-1] for n in shapes})
-    apply_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-               target_modules=targets, use_rslora=config.get("use_rslora", False), adapter_name=adapter_name, verbose=False)
-    for name, m in lora_layers(model):
-        if name not in shapes:  # targeted by name but absent from the file (layers_to_transform)
-            m.lora_B[adapter_name].weight.data.zero_()
-            continue
-        with torch.no_grad():
-            m.lora_A[adapter_name].weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
-            m.lora_B[adapter_name].weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+            raise LoRAError(f"{weights_file}: {key} has shape {tuple(t.shape)} but this model needs "
+                            f"{expected} (an adapter for another base?)")
+        layers.setdefault(name, {})[part] = t
+    if not layers:
+        raise LoRAError(f"{weights_file}: no LoRA weights in it")
+    for name, ab in layers.items():
+        if missing := {"lora_A", "lora_B"} - set(ab):
+            raise LoRAError(f"{weights_file}: {name} has no {missing.pop()} weight")
+    return layers
+
+
+def load_adapter(model, path, adapter_name="default", dtype=torch.float32):
+    """Add the adapter saved at `path` (by save_adapter or PEFT) as `adapter_name` and make it
+    active, after checking every tensor fits this model. Returns its adapter_config dict."""
+    model = unwrap(model)
+    config, tensors = read_adapter(path)
+    layers = match_adapter(model, path, config, tensors)
+    settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                    use_rslora=config.get("use_rslora", False))
+    add_adapter(model, sorted(layers), adapter_name, settings, dtype)  # exactly the layers in the file
+    copy_weights(model, layers, adapter_name)
+    set_adapter(model, adapter_name)
     return config
 
 
 def load_adapter_weights(model, path, adapter_name="default"):
-    """Copy A and B from `path` into the model's existing adapter (resuming a run)."""
-    _, tensors = read_adapter(path)
-    for name, m in lora_layers(getattr(model, "module", model)):
-        if adapter_name in m.lora_A:
-            with torch.no_grad():
-                m.lora_A[adapter_name].weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
-                m.lora_B[adapter_name].weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+    """Copy A and B saved at `path` into the model's existing adapter (resuming training); the
+    saved adapter must have the same settings and layers."""
+    model = unwrap(model)
+    config, tensors = read_adapter(path)
+    layers = match_adapter(model, path, config, tensors)
+    settings = getattr(model, "lora_config", {}).get(adapter_name)
+    saved = dict(r=config["r"], alpha=config["lora_alpha"], use_rslora=config.get("use_rslora", False))
+    if settings is None or any(settings[k] != v for k, v in saved.items()):
+        raise LoRAError(f"{Path(path) / CONFIG_FILE}: {saved} does not match the model's adapter "
+                        f"{adapter_name!r} ({settings})")
+    if set(layers) != {n for n, m in lora_layers(model) if adapter_name in m.lora_A}:
+        raise LoRAError(f"{Path(path) / WEIGHTS_FILE}: its layers differ from those of the model's "
+                        f"adapter {adapter_name!r}")
+    copy_weights(model, layers, adapter_name)
+
+
+@torch.no_grad()
+def copy_weights(model, layers, adapter_name):
+    for name, ab in layers.items():
+        m = model.get_submodule(name)
+        m.lora_A[adapter_name].weight.copy_(ab["lora_A"])
+        m.lora_B[adapter_name].weight.copy_(ab["lora_B"])

@@ -46,11 +46,11 @@ class TrainConfig:
     use_rslora: bool = field(default=False, metadata={"help": "scaling = alpha / sqrt(r)"})
     target_modules: str = field(default="all-linear", metadata={"help": "comma-separated (q_proj,v_proj,...) or all-linear"})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: NF4-quantize the frozen base"})
-    num_epochs: int = 3
+    num_epochs: int = 5
     max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: num_epochs worth"})
     micro_batch_size: int = field(default=4, metadata={"help": "rows per forward pass, per process"})
-    effective_batch_size: int = field(default=16, metadata={"help": "rows per optimizer step, all processes"})
-    learning_rate: float = 2e-4
+    effective_batch_size: int = field(default=8, metadata={"help": "rows per optimizer step, all processes"})
+    learning_rate: float = 5e-4
     warmup_steps: int = 5
     lr_scheduler: str = field(default="cosine", metadata={"choices": ("cosine", "linear", "constant")})
     weight_decay: float = 0.0
@@ -375,6 +375,8 @@ def train(cfg, rank=0, world=1, device="cpu"):
     if rank == 0:
         save_adapter(model, out, base_model_name_or_path=cfg.model_path)
         say(f"adapter saved to {out} ({tokens_seen / (time.perf_counter() - t_start):.0f} tok/s)")
+    if world > 1:
+        dist.barrier()  # no rank tears the process group down while rank 0 still writes
     return model
 
 

@@ -1,0 +1,91 @@
+"""The path README shows, end to end on the real model, and merge.py's promises on a tiny one."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import train
+from conftest import ROOT, chat, write_jsonl
+from generate import load
+from lora import load_adapter
+from merge import merge
+from model import InputError, Transformer
+
+QUESTION = "What is the capital of Brannock?"
+
+
+def cli(script, *args):
+    r = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_train_generate_merge_generate(smollm2, tmp_path):
+    # train.py on the bundled data -> generate.py with the adapter -> merge.py -> generate.py on the
+    # merged folder: the same greedy text. fp32 merge, so the two differ only by float rounding.
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    cli("train.py", "--model_path", str(smollm2), "--output_dir", str(adapter), "--max_steps", "4",
+        "--effective_batch_size", "8", "--learning_rate", "1e-3", "--warmup_steps", "1")
+    assert len((adapter / "metrics.jsonl").read_text().splitlines()) == 4
+    with_adapter = cli("generate.py", "--model_path", str(smollm2), "--adapter_path", str(adapter),
+                       "--prompt", QUESTION, "--max_new_tokens", "24").stdout
+    base = cli("generate.py", "--model_path", str(smollm2), "--prompt", QUESTION, "--max_new_tokens", "24").stdout
+    assert with_adapter != base  # four steps already change the answer
+    cli("merge.py", "--model_path", str(smollm2), "--adapter_path", str(adapter), "--output_dir", str(merged),
+        "--dtype", "float32")
+    assert cli("generate.py", "--model_path", str(merged), "--prompt", QUESTION, "--max_new_tokens", "24").stdout == with_adapter
+    # the merged folder is a plain Hugging Face checkpoint: tied embeddings stay tied (no lm_head)
+    with safe_open(merged / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and not any("lora" in k for k in f.keys())
+    assert {p.name for p in merged.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    ids = torch.randint(0, 49152, (1, 12))
+    model, _ = load(smollm2, {"default": str(adapter)})
+    with torch.no_grad():
+        expected = model(ids)
+        assert (Transformer.from_pretrained(merged)(ids) - expected).abs().max() < 1e-4
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    with torch.no_grad():
+        assert (hf(ids).logits - expected).abs().max() < 1e-4
+
+
+TINY = [chat(f"w{i} w{i + 1}", f"w{i + 20} w{i + 40}") for i in range(4)]
+
+
+@pytest.fixture
+def qlora_adapter(tiny_checkpoint, tmp_path):
+    out = tmp_path / "qlora"
+    train.train(train.TrainConfig(model_path=str(tiny_checkpoint), data_path=str(write_jsonl(tmp_path / "d.jsonl", TINY)),
+                                  output_dir=str(out), load_in_4bit=True, micro_batch_size=2, effective_batch_size=4,
+                                  num_epochs=3, learning_rate=1e-2, save_every=0, lora_dropout=0.0))
+    return out
+
+
+def test_qlora_adapter_merges_into_full_precision_weights(tiny_checkpoint, qlora_adapter, tmp_path, capsys):
+    out = merge(tiny_checkpoint, qlora_adapter, tmp_path / "merged", max_shard_size=100_000)
+    assert "trained with QLoRA: merging it into the full-precision weights" in capsys.readouterr().out
+    index = json.loads((out / "model.safetensors.index.json").read_text())  # sharded past 100 kB
+    assert len(set(index["weight_map"].values())) > 1
+    base = Transformer.from_pretrained(tiny_checkpoint)
+    load_adapter(base, qlora_adapter)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert (Transformer.from_pretrained(out)(ids) - base(ids)).abs().max() < 1e-5
+
+
+def test_merge_refuses_another_base_and_a_non_empty_output(tiny_checkpoint, qlora_adapter, smollm2, tmp_path):
+    r = subprocess.run([sys.executable, "merge.py", "--model_path", str(smollm2), "--adapter_path", str(qlora_adapter),
+                        "--output_dir", str(tmp_path / "m")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "this model needs" in r.stderr and "adapter for another base?" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="is not empty; pass --force"):
+        merge(tiny_checkpoint, qlora_adapter, busy)
+    assert (busy / "keep.txt").read_text() == "mine"
+    merge(tiny_checkpoint, qlora_adapter, busy, force=True)
+    assert not (busy / "keep.txt").exists() and (busy / "model.safetensors").exists()
