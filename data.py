@@ -1,15 +1,23 @@
 """JSONL datasets -> tokenized rows with loss masks, packing, and the batch order of a run.
 
-One record per line, in any of four formats (detected per record):
+One record per line (blank lines are skipped), in any of four formats, detected per record:
 
-    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
-    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
-    {"instruction": "Say hello.", "input": "", "output": "Hello!"}
-    {"text": "Any plain text, all of it learned."}
+    messages   {"messages": [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": "Capital of France?"},
+                             {"role": "assistant", "content": "Paris."}]}
+    ShareGPT   {"conversations": [{"from": "human", "value": "Capital of France?"},
+                                  {"from": "gpt", "value": "Paris."}]}
+    Alpaca     {"instruction": "Name the capital.", "input": "France", "output": "Paris."}
+    text       {"text": "Plain text; all of it is learned."}
 
-Conversations go through the checkpoint's chat template (tokenizer.py). Only the assistant
-replies are learned, each with its end-of-turn token (so the model learns to stop); the rest
-of the labels are -100. Alpaca records use the Stanford Alpaca prompt, and learn the output.
+Conversations (multi-turn or not; the system turn, if any, first) are written with the
+checkpoint's chat template (tokenizer.py). Only the assistant replies are learned, each with its
+end-of-turn token, so the model learns to stop; every other label is -100. Alpaca records use the
+Stanford Alpaca prompt and learn output + eos; text records learn everything (BOS, text, eos).
+`train_on_inputs` learns the prompts too.
+
+A row is a dict of equal-length lists: input_ids, labels, position_ids, doc_ids. Without packing
+a row is one example; with packing several, told apart by doc_ids (0, 1, ... within the row).
 """
 import json
 from pathlib import Path
@@ -20,9 +28,13 @@ from model import InputError
 
 IGNORE = -100  # label of a token that is not learned (cross_entropy's ignore_index)
 
-ALPACA = ("Below is an instruction that describes a task{ctx}. "
-          "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n")
-ALPACA_CTX = ", paired with an input that provides further context"
+# The Stanford Alpaca prompts, with and without an input.
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                 "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n"
+                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -30,17 +42,21 @@ class DataError(InputError):
     """A dataset problem; the message is one line, `path:line: what is wrong`."""
 
 
+# --- reading and tokenizing --------------------------------------------------------------------
+
 def read_jsonl(path):
     """[(line number, record)], skipping blank lines."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: {'is a directory' if path.is_dir() else 'no such file'}")
+        raise DataError(f"{path}: {'is a directory, not a JSONL file' if path.is_dir() else 'no such file'}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not JSON
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        line = e.object.count(b"\n", 0, e.start) + 1  # e.object: the bytes after any byte-order mark
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
     records = []
-    for n, line in enumerate(lines, 1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines breaks at.
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -57,73 +73,91 @@ def to_messages(record, where):
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
     if "messages" in record:
-        turns = [(m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None) for m in record["messages"]]
-        roles = {"system": "system", "user": "user", "assistant": "assistant"}
+        key, role_key, content_key, roles = "messages", "role", "content", ROLES
     elif "conversations" in record:
-        turns = [(m.get("from"), m.get("value")) if isinstance(m, dict) else (None, None) for m in record["conversations"]]
-        roles = SHAREGPT_ROLES
+        key, role_key, content_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
     else:
         return None
-    if not turns:
-        raise DataError(f"{where}: the conversation has no turns")
+    turns = record[key]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: {key} must be a non-empty list of {{{role_key!r}, {content_key!r}}} objects")
     messages = []
-    for i, (role, content) in enumerate(turns):
-        if role not in roles:
-            raise DataError(f"{where}: turn {i + 1} has unknown role {role!r} (expected one of {', '.join(roles)})")
-        if not isinstance(content, str) or not content.strip():
-            raise DataError(f"{where}: turn {i + 1} ({role}) has empty content")
+    for i, turn in enumerate(turns, 1):
+        role = turn.get(role_key) if isinstance(turn, dict) else None
+        content = turn.get(content_key) if isinstance(turn, dict) else None
+        if not isinstance(role, str) or role not in roles:
+            raise DataError(f"{where}: turn {i} has unknown role {role!r} (expected one of {', '.join(roles)})")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: turn {i} ({role}) content must be a string, not {type(content).__name__}")
+        if not content.strip():
+            raise DataError(f"{where}: turn {i} ({role}) has empty content")
+        if roles[role] == "system" and i > 1:  # templates only place a system prompt first
+            raise DataError(f"{where}: turn {i} is a system turn; only the first turn may be one")
         messages.append({"role": roles[role], "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant reply to learn")
     return messages
 
 
-def tokenize(record, tokenizer, where, train_on_inputs=False):
-    """One record -> (input_ids, labels), labels = input_ids where learned, else -100."""
+def to_text(record, tokenizer, where):
+    """(text, spans): the whole example as one string and the (start, end) character spans to learn."""
     messages = to_messages(record, where)
     if messages is not None:
-        text, spans = tokenizer.render(messages)
-    elif "instruction" in record and "output" in record:
-        fields = {k: record[k] for k in ("instruction", "input", "output") if k in record}
-        if not all(isinstance(v, str) for v in fields.values()) or not record["output"].strip():
-            raise DataError(f"{where}: instruction, input and output must be strings, and output not empty")
-        ctx = record.get("input", "").strip()
-        prompt = tokenizer.bos_text * tokenizer.add_bos + ALPACA.format(ctx=ALPACA_CTX if ctx else "", instruction=record["instruction"])
-        prompt += f"### Input:\n{ctx}\n\n### Response:\n" if ctx else "### Response:\n"
-        text = prompt + record["output"] + tokenizer.eos_text
-        spans = [(len(prompt), len(text))]
-    elif "text" in record:
+        if tokenizer.template is None:
+            raise DataError(f"{where}: a conversation, but the checkpoint has no chat template "
+                            "(pass --chat_template, or use Alpaca or text records)")
+        return tokenizer.render(messages)
+    bos = tokenizer.bos_text if tokenizer.add_bos else ""
+    if "instruction" in record and "output" in record:
+        fields = {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
+        for k, v in fields.items():
+            if not isinstance(v, str):
+                raise DataError(f"{where}: {k} must be a string, not {type(v).__name__}")
+        for k in ("instruction", "output"):
+            if not fields[k].strip():
+                raise DataError(f"{where}: {k} is empty")
+        prompt = bos + (ALPACA_PROMPT_INPUT if fields["input"].strip() else ALPACA_PROMPT).format(**fields)
+        text = prompt + fields["output"] + tokenizer.eos_text
+        return text, [(len(prompt), len(text))]
+    if "text" in record:
         if not isinstance(record["text"], str) or not record["text"].strip():
             raise DataError(f"{where}: text must be a non-empty string")
-        start = len(tokenizer.bos_text) if tokenizer.add_bos else 0
-        text = tokenizer.bos_text * tokenizer.add_bos + record["text"] + tokenizer.eos_text
-        spans = [(start, len(text))]
-    else:
-        raise DataError(f"{where}: record has keys {sorted(record)}; expected messages, conversations, "
-                        "instruction+output, or text")
+        text = bos + record["text"] + tokenizer.eos_text
+        return text, [(0, len(text))]
+    raise DataError(f"{where}: record has keys {sorted(record)}; expected messages, conversations, "
+                    "instruction+output (Alpaca), or text")
+
+
+def tokenize(record, tokenizer, where, train_on_inputs=False):
+    """One record -> (input_ids, labels): labels[t] = input_ids[t] where learned, else -100."""
+    text, spans = to_text(record, tokenizer, where)
     # One encoding of the whole text; a token is learned iff it starts inside a learned span.
-    # (Encoding the pieces separately would differ from the whole where BPE merges across them.)
+    # Encoding prompt and reply apart would not give the same tokens where BPE merges across them.
     ids, offsets = tokenizer.encode_with_offsets(text)
     if train_on_inputs:
         return ids, list(ids)
+    # Never mask by comparing with pad_id: pad is often eos, and each reply's eos must be learned.
     labels = [t if any(s <= start < e for s, e in spans) else IGNORE for t, (start, _) in zip(ids, offsets)]
     return ids, labels
 
 
 def load_dataset(path, tokenizer, max_seq_len, train_on_inputs=False, sample_packing=False):
-    """Rows (dicts of lists: input_ids, labels, position_ids, doc_ids) and statistics."""
-    rows, stats = [], dict(n_examples=0, n_truncated=0, n_tokens=0, n_trained_tokens=0)
+    """(rows, stats): rows are dicts of lists (input_ids, labels, position_ids, doc_ids)."""
+    rows, stats = [], dict(n_examples=0, n_rows=0, n_truncated=0, n_tokens=0, n_trained_tokens=0)
     for n, record in read_jsonl(path):
         ids, labels = tokenize(record, tokenizer, f"{path}:{n}", train_on_inputs)
-        if len(ids) > max_seq_len:
+        if len(ids) > max_seq_len:  # cut the end (it may cut a reply); counted, and said in the log
             stats["n_truncated"] += 1
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
         stats["n_examples"] += 1
         stats["n_tokens"] += len(ids)
-        stats["n_trained_tokens"] += sum(l != IGNORE for l in labels[1:])  # the first is never predicted
+        # An example's first token is never a target (nothing precedes it), so this is exactly the
+        # number of targets != -100 that collate will make, packed or not.
+        stats["n_trained_tokens"] += sum(l != IGNORE for l in labels[1:])
         rows.append(dict(input_ids=ids, labels=labels, position_ids=list(range(len(ids))), doc_ids=[0] * len(ids)))
     if stats["n_trained_tokens"] == 0:
-        raise DataError(f"{path}: every label is masked: nothing to learn (too short a --max_seq_len?)")
+        raise DataError(f"{path}: every label is masked, nothing to learn "
+                        f"(no assistant replies within --max_seq_len {max_seq_len}?)")
     if sample_packing:
         rows = pack(rows, max_seq_len)
     stats["n_rows"] = len(rows)
@@ -131,47 +165,65 @@ def load_dataset(path, tokenizer, max_seq_len, train_on_inputs=False, sample_pac
 
 
 def pack(rows, max_seq_len):
-    """Greedily fill rows of up to max_seq_len tokens with whole examples, in order. Positions
-    restart and doc_ids count up per example, so the model keeps examples apart (no attention
-    across them, no prediction of one example's first token from another's last)."""
-    packed, current = [], None
+    """Fill rows of up to max_seq_len tokens with whole examples, greedily, in order. Positions
+    restart and doc_ids count up per example, so the model keeps examples apart (a block-diagonal
+    causal mask) and collate never makes one example's last token predict the next one's first."""
+    packed = []
     for r in rows:
-        if current is None or len(current["input_ids"]) + len(r["input_ids"]) > max_seq_len:
-            current = dict(input_ids=[], labels=[], position_ids=[], doc_ids=[])
-            packed.append(current)
-        doc = current["doc_ids"][-1] + 1 if current["doc_ids"] else 0
+        if not packed or len(packed[-1]["input_ids"]) + len(r["input_ids"]) > max_seq_len:
+            packed.append(dict(input_ids=[], labels=[], position_ids=[], doc_ids=[]))
+        row = packed[-1]
+        doc = row["doc_ids"][-1] + 1 if row["doc_ids"] else 0
         for k in ("input_ids", "labels", "position_ids"):
-            current[k] += r[k]
-        current["doc_ids"] += [doc] * len(r["input_ids"])
+            row[k] += r[k]
+        row["doc_ids"] += [doc] * len(r["input_ids"])
     return packed
 
 
 def describe(stats):
+    """One line for the log."""
     packed = f" packed into {stats['n_rows']} rows," if stats["n_rows"] != stats["n_examples"] else ""
-    return (f"{stats['n_examples']} examples,{packed} {stats['n_tokens']:,} tokens, {stats['n_trained_tokens']:,} learned, "
-            f"{stats['n_truncated']} truncated")
+    return (f"{stats['n_examples']} examples,{packed} {stats['n_tokens']:,} tokens, "
+            f"{stats['n_trained_tokens']:,} learned, {stats['n_truncated']} truncated")
 
+
+def split(rows, fraction, seed):
+    """(train, eval): a fixed random `fraction` of the rows (at least one) held out for evaluation."""
+    n_eval = max(1, round(len(rows) * fraction))
+    if n_eval >= len(rows):
+        raise DataError(f"--eval_split {fraction} of {len(rows)} rows leaves none to train on")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+# --- batches -----------------------------------------------------------------------------------
 
 def collate(rows, pad_id):
-    """Right-padded tensors (B, T): input_ids, targets (the label of the next token, -100
-    where nothing is learned: padding, each row's end, each packed example's end),
-    position_ids, and doc_ids (None unless some row is packed)."""
-    T = max(len(r["input_ids"]) for r in rows)
-    B = len(rows)
+    """Rows -> dict of right-padded (B, T) tensors, T = the longest row:
+    input_ids   pad_id at pads
+    targets     the label of the next token: -100 at pads, at each row's last token and at each
+                packed example's last token (never predict across examples). The loss is
+                cross_entropy(logits, targets, ignore_index=-100) over (targets != -100).sum() tokens.
+    position_ids
+    doc_ids     example index within the row, -1 at pads; None when no row is packed (then the
+                plain causal mask is the same thing)."""
+    B, T = len(rows), max(len(r["input_ids"]) for r in rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((B, T), dtype=torch.long)
-    doc_ids = torch.full((B, T), -1, dtype=torch.long)  # padding: a document of its own
+    # Padding is a document of its own: its attention rows then see at least themselves (a row
+    # with every key masked would give NaN), and no real token attends to it.
+    doc_ids = torch.full((B, T), -1, dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         input_ids[i, :n] = torch.tensor(r["input_ids"])
         labels[i, :n] = torch.tensor(r["labels"])
         position_ids[i, :n] = torch.tensor(r["position_ids"])
         doc_ids[i, :n] = torch.tensor(r["doc_ids"])
-    targets = torch.full_like(labels, IGNORE)
-    same_doc = doc_ids[:, 1:] == doc_ids[:, :-1]
+    targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    same_doc = doc_ids[:, 1:] == doc_ids[:, :-1]  # (B, T-1): token t and t+1 in one example
     targets[:, :-1] = torch.where(same_doc, labels[:, 1:], IGNORE)
-    packed = bool((doc_ids.amax(1) > 0).any())
+    packed = bool((doc_ids > 0).any())
     return dict(input_ids=input_ids, targets=targets, position_ids=position_ids, doc_ids=doc_ids if packed else None)
 
 
@@ -183,20 +235,18 @@ def epoch_order(n_rows, seed, epoch):
 
 
 def steps_per_epoch(n_rows, effective_batch_size):
-    return n_rows // effective_batch_size  # the last partial step of an epoch is dropped
+    # The last partial step of an epoch is dropped: every step then has the same number of rows,
+    # and the rows it skips come back in the next epoch's shuffle.
+    return n_rows // effective_batch_size
 
 
 def step_batches(order, step, effective_batch_size, micro_batch_size, rank=0, world_size=1):
-    """Row indices of this rank's micro batches for optimizer step `step` of the epoch. The step's
-    rows are order[step * E:(step + 1) * E] whatever the world size; rank r takes every world_size-th
-    micro batch of them, so 1 process x k micro batches and k processes x 1 see the same rows."""
+    """Row indices of this rank's micro batches for optimizer step `step` of the epoch.
+
+    The step's rows are order[step * E:(step + 1) * E] whatever the world size, cut into micro
+    batches; rank r takes micro batches r, r + world_size, ... So 1 process with k micro batches
+    and k processes with 1 each see the same rows in every step (E divisible by micro x world,
+    as train.py checks, gives every rank the same number of micro batches)."""
     rows = order[step * effective_batch_size:(step + 1) * effective_batch_size]
     micro = [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
     return micro[rank::world_size]
-
-
-def split(rows, fraction, seed):
-    """(train, eval): a fixed random `fraction` of the rows held out for evaluation."""
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = max(1, round(len(rows) * fraction))
-    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
