@@ -1,0 +1,317 @@
+"""Speed and memory of nanolora, side by side with transformers + peft in the same run.
+
+    python bench.py                                  # CPU, SmolLM2-135M-Instruct, every measure
+    python bench.py --only generate,quantize         # some of: machine generate quantize train
+    python bench.py --device cuda --config_json llama3-8b.json   # random weights of any shape
+
+Machines are noisy: every figure that matters is printed as a ratio against the reference
+measured in the same run, alternating runs. Training runs each in a fresh process so that its
+peak memory (RSS on CPU, max allocated on CUDA) is its own.
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from model import Config, Transformer, resolve_checkpoint
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat=3, best=False):
+    """Median (or best) seconds of fn() over repeat runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return min(times) if best else statistics.median(times)
+
+
+def machine(device):
+    """Measured matmul rate (FLOP/s, fp32 on CPU, bf16 on CUDA) and copy bandwidth (bytes/s)."""
+    cuda = torch.device(device).type == "cuda"
+    n, dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    flops = 2 * n**3 / timed(lambda: a @ b, device, 10, best=True)  # the machine's best, for MFU
+    src = torch.rand(256 * 2**20 // 4, device=device)  # 256 MiB, larger than any cache; written, so
+    # its pages are real (an untouched buffer reads as the shared zero page, far too fast)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), device, 5)  # read + write
+    return flops, bandwidth
+
+
+def load_models(args, dtype):
+    """(ours, reference or None): the checkpoint, or random weights of --config_json's shape."""
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+        print("transformers is not installed: no reference figures", file=sys.stderr)
+    if args.config_json:
+        torch.manual_seed(0)
+        cfg = json.load(open(args.config_json))
+        with torch.device(args.device):
+            ours = Transformer(Config.from_dict(cfg)).to(dtype).eval()
+        ref = None
+        if transformers:
+            ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg), dtype=dtype)
+            ref = ref.to(args.device).eval()
+            ref.load_state_dict(ours.state_dict(), strict=False)  # same weights, names match
+        return ours, ref
+    path = resolve_checkpoint(args.model_path)
+    ours = Transformer.from_pretrained(path, dtype=dtype, device=args.device)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval() if transformers else None
+    return ours, ref
+
+
+def bench_generate(args, dtype, bandwidth):
+    from generate import generate
+
+    ours, ref = load_models(args, dtype)
+    prompt = list(range(100, 132))
+    n = args.new_tokens
+    stats = {}
+
+    def run_ours():
+        list(generate(ours, prompt, n, stats=stats))
+
+    def run_ref(new):
+        ids = torch.tensor([prompt], device=args.device)
+        sync(args.device)
+        t = time.perf_counter()
+        ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                     pad_token_id=0)
+        sync(args.device)
+        return time.perf_counter() - t
+
+    ours_s, ref_s = [], []
+    run_ours()
+    if ref is not None:
+        run_ref(n)
+    for _ in range(3):  # alternate, so both see the same machine
+        run_ours()
+        ours_s.append(stats["decode_s"] / (stats["new_tokens"] - 1))
+        if ref is not None:  # decoding alone: n new tokens minus the prefill and first token
+            ref_s.append((run_ref(n) - run_ref(1)) / (n - 1))
+    # each decoded token reads every weight once: the embedding table only if it is also lm_head
+    weights = {p.data_ptr(): p.numel() * p.element_size() for p in ours.parameters()}
+    if not ours.config.tie_word_embeddings:
+        weights.pop(ours.model.embed_tokens.weight.data_ptr())
+    weight_bytes = sum(weights.values())
+    tok_s = 1 / statistics.median(ours_s)
+    floor = bandwidth / weight_bytes
+    print(f"generate: ours {tok_s:.1f} tok/s (decode, greedy, {n} new tokens, batch 1, {dtype})")
+    print(f"  bandwidth floor: {weight_bytes / 1e6:.0f} MB of weights per token at {bandwidth / 1e9:.1f} GB/s = "
+          f"{floor:.1f} tok/s; ours reaches {tok_s / floor:.0%} of it")
+    if ref_s:
+        ref_tok_s = 1 / statistics.median(ref_s)
+        print(f"  transformers generate: {ref_tok_s:.1f} tok/s (decode, same settings); ours / transformers = {tok_s / ref_tok_s:.2f}x")
+
+
+def bench_quantize(args):
+    from quant import quantize_nf4
+
+    ours, _ = (Transformer.from_pretrained(resolve_checkpoint(args.model_path), dtype=torch.bfloat16, device=args.device), None) \
+        if not args.config_json else load_models(args, torch.bfloat16)
+    weights = [m.weight.data for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+    n_params = sum(w.numel() for w in weights)
+    ours_s = timed(lambda: [quantize_nf4(w) for w in weights], args.device)
+    line = f"quantize: NF4 of {len(weights)} linear weights ({n_params / 1e6:.0f}M params, bf16, double quant): ours {ours_s:.2f} s"
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        print(line + " (bitsandbytes not installed: no reference)")
+        return
+    ref_s = timed(lambda: [bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) for w in weights], args.device)
+    print(line + f", bitsandbytes {ref_s:.2f} s; ours speed / bitsandbytes = {ref_s / ours_s:.2f}x")
+
+
+def train_worker(args):
+    """One training configuration in this process; prints a JSON line with its figures."""
+    torch.manual_seed(0)
+    cuda = torch.device(args.device).type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    B, T = args.micro_batch_size, args.seq_len
+    if args.impl == "ours":
+        from lora import apply_lora
+        from train import CausalLMLoss
+
+        if args.config_json:
+            with torch.device(args.device):
+                model = Transformer(Config.from_dict(json.load(open(args.config_json)))).to(dtype)
+            if args.qlora:
+                from quant import quantize_model
+                quantize_model(model)
+        else:
+            model = Transformer.from_pretrained(resolve_checkpoint(args.model_path), dtype=dtype, device=args.device,
+                                                quantize="nf4" if args.qlora else None)
+        apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0, target_modules="all-linear", verbose=False)
+        model.gradient_checkpointing = args.gradient_checkpointing
+        loss_fn = CausalLMLoss(model).train()
+        vocab = model.config.vocab_size
+
+        def loss_of(ids):
+            targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+            return loss_fn(ids, targets, None, None) / (targets != -100).sum()
+    else:
+        import peft
+        import transformers
+
+        kw = {}
+        if args.qlora:
+            kw["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        if args.config_json:
+            config = transformers.AutoConfig.for_model(**json.load(open(args.config_json)))
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(args.device)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(resolve_checkpoint(args.model_path), dtype=dtype,
+                                                                      device_map=args.device, **kw)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                                            target_modules="all-linear", task_type="CAUSAL_LM")).train()
+        vocab = model.config.vocab_size
+
+        def loss_of(ids):
+            return model(input_ids=ids, labels=ids).loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, vocab, (B, T), device=args.device)
+
+    def step():
+        loss_of(ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up (also allocates the optimizer state)
+    sync(args.device)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(args.device)
+    dt = (time.perf_counter() - t) / args.steps
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    estimate = None
+    if args.impl == "ours":  # weights + LoRA + gradients + AdamW state, before activations
+        from quant import memory_report
+        estimate = memory_report(model)["total_bytes"]
+    print(json.dumps({"tok_s": B * T / dt, "peak_bytes": peak, "estimate_bytes": estimate}))
+
+
+def lora_train_flops_per_token(config, seq_len, r):
+    """Model FLOPs per trained token: the frozen matmuls run forward (2 per weight) and backward
+    for the input gradient only (2 more; frozen weights get no gradient), LoRA's A and B
+    forward and both backward passes (6 per parameter), attention scores and mixing
+    (2 matmuls of 2*T/2*H*D per token on average under the causal mask, x3 with backward)."""
+    c = config
+    per_layer = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) \
+        + 3 * c.hidden_size * c.intermediate_size
+    frozen = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size
+    lora = c.num_hidden_layers * r * (
+        (c.hidden_size + c.num_attention_heads * c.head_dim) * 2 + (c.hidden_size + c.num_key_value_heads * c.head_dim) * 2
+        + 3 * (c.hidden_size + c.intermediate_size))
+    attention = c.num_hidden_layers * 2 * 2 * (seq_len / 2) * c.num_attention_heads * c.head_dim
+    return 4 * frozen + 6 * lora + 3 * attention
+
+
+def bench_train(args, flops):
+    config = Config.from_dict(json.load(open(args.config_json))) if args.config_json else \
+        Config.from_json(resolve_checkpoint(args.model_path) / "config.json")
+    impls = ["ours"]
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+        impls.append("transformers+peft")
+    except ImportError:
+        print("transformers/peft are not installed: no reference figures", file=sys.stderr)
+    base = [sys.executable, __file__, "--worker", "--device", args.device, "--steps", str(args.steps),
+            "--seq_len", str(args.seq_len), "--micro_batch_size", str(args.micro_batch_size), "--lora_r", str(args.lora_r)]
+    base += ["--config_json", args.config_json] if args.config_json else ["--model_path", args.model_path]
+    if args.gradient_checkpointing:
+        base.append("--gradient_checkpointing")
+    per_token = lora_train_flops_per_token(config, args.seq_len, args.lora_r)
+    for qlora in (False, True):
+        results, failed = {}, set()
+        for rep in range(args.repeat):  # alternate implementations, keep each one's best
+            for impl in impls:
+                if impl in failed:
+                    continue
+                cmd = base + ["--impl", impl.split("+")[0]] + (["--qlora"] if qlora else [])
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode != 0:
+                    print(f"  {impl}{' QLoRA' if qlora else ''}: failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+                    failed.add(impl)
+                    continue
+                res = json.loads(r.stdout.strip().splitlines()[-1])
+                best = results.get(impl)
+                results[impl] = {"tok_s": max(res["tok_s"], best["tok_s"] if best else 0),
+                                 "peak_bytes": min(res["peak_bytes"], best["peak_bytes"] if best else float("inf")),
+                                 "estimate_bytes": res["estimate_bytes"]}
+        kind = "QLoRA (NF4)" if qlora else "LoRA"
+        mem = "max allocated" if torch.device(args.device).type == "cuda" else "peak RSS"
+        print(f"train {kind}: r={args.lora_r} all-linear, seq {args.seq_len}, micro batch {args.micro_batch_size}, "
+              f"{'bf16' if args.device.startswith('cuda') else 'fp32'}{', grad ckpt' if args.gradient_checkpointing else ''}")
+        for impl, res in results.items():
+            mfu = res["tok_s"] * per_token / flops
+            est = f"  (memory_report: {res['estimate_bytes'] / 2**20:.0f} MiB before activations)" if res["estimate_bytes"] else ""
+            print(f"  {impl:18s} {res['tok_s']:8.0f} tok/s  {res['peak_bytes'] / 2**20:8.0f} MiB {mem}  MFU {mfu:.1%}{est}")
+        if len(results) == 2:
+            o, h = results["ours"], results["transformers+peft"]
+            print(f"  ours / transformers+peft: {o['tok_s'] / h['tok_s']:.2f}x tokens/s, "
+                  f"{o['peak_bytes'] / h['peak_bytes']:.2f}x peak memory")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", default=DEFAULT_MODEL)
+    p.add_argument("--config_json", help="random weights of this config.json's shape instead of a checkpoint")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", default="machine,generate,quantize,train")
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--micro_batch_size", type=int, default=4)
+    p.add_argument("--lora_r", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per process")
+    p.add_argument("--repeat", type=int, default=2, help="training processes per implementation")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
+    p.add_argument("--qlora", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return train_worker(args)
+    only = set(args.only.split(","))
+    torch.manual_seed(0)
+    print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else f'{torch.get_num_threads()} threads'}), "
+          f"torch {torch.__version__}, model: {args.config_json or args.model_path}")
+    flops, bandwidth = machine(args.device)
+    if "machine" in only:
+        print(f"machine: matmul {flops / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    if "generate" in only:
+        bench_generate(args, dtype, bandwidth)
+    if "quantize" in only:
+        bench_quantize(args)
+    if "train" in only:
+        bench_train(args, flops)
+
+
+if __name__ == "__main__":
+    main()
