@@ -1,5 +1,6 @@
 """train.py: the loss, overfitting, resume, DDP equivalence, QLoRA, bad input, a real model learning."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -55,6 +56,16 @@ def test_tiny_model_overfits(tiny_checkpoint, tmp_path):
     loss = losses(out)
     assert len(loss) == 30 * 2 and loss[-1] < 0.1 * loss[0]  # from ~ln(128) to near zero
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+
+
+def test_eval_loss_and_perplexity_are_logged(tiny_checkpoint, tmp_path):
+    cfg = config(tiny_checkpoint, tmp_path, num_epochs=2, eval_every=1,
+                 eval_data_path=str(write_jsonl(tmp_path / "eval.jsonl", TINY[:3])))
+    train.train(cfg)
+    evals = [r for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3, 4]
+    assert all(abs(r["eval_ppl"] - math.exp(r["eval_loss"])) < 1e-3 * r["eval_ppl"] for r in evals)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # the eval rows are training rows too
 
 
 def test_resume_after_interruption_gives_the_same_adapter(tiny_checkpoint, tmp_path, monkeypatch):
