@@ -11,6 +11,7 @@ does) and written here by hand:
 """
 import json
 import re
+import time
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -66,7 +67,11 @@ class Tokenizer:
         if self.template is not None and self.template not in TEMPLATES:
             raise CheckpointError(f"chat template {self.template!r} is not one of {', '.join(TEMPLATES)}")
         self.default_system = default_system_prompt(chat_template, self.template)
-        self.dated_system = "Cutting Knowledge Date" in chat_template  # Llama 3.1+ system header
+        # Llama 3.1+ templates always open with a system header stating a knowledge cutoff and a
+        # date: a fixed one, or today's where the template asks for strftime_now (Llama 3.2)
+        self.system_date = None
+        if "Cutting Knowledge Date" in chat_template:
+            self.system_date = time.strftime("%d %b %Y") if "strftime_now" in chat_template else "26 Jul 2024"
         end_of_turn = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.template)
         if end_of_turn and (e := self.token_id(end_of_turn)) is not None:
             self.eos_ids.add(e)  # a chat reply ends at its end-of-turn token
@@ -97,7 +102,7 @@ class Tokenizer:
             raise CheckpointError("this checkpoint has no chat template; pass --chat_template "
                                   f"({', '.join(TEMPLATES)}) or use raw text")
         return render_chat(messages, self.template, self.bos_text, self.eos_text,
-                           self.default_system, self.dated_system, add_generation_prompt)
+                           self.default_system, self.system_date, add_generation_prompt)
 
     @property
     def bos_text(self):
@@ -129,7 +134,7 @@ def default_system_prompt(chat_template, template):
     return None
 
 
-def render_chat(messages, template, bos="", eos="", default_system=None, dated_system=False,
+def render_chat(messages, template, bos="", eos="", default_system=None, system_date=None,
                 add_generation_prompt=False):
     """messages: [{"role": "system"|"user"|"assistant", "content": str}, ...] -> (text, spans)."""
     parts, spans = [], []
@@ -159,10 +164,12 @@ def render_chat(messages, template, bos="", eos="", default_system=None, dated_s
             add("<|im_start|>assistant\n")
     elif template == "llama3":
         add(bos)
-        if dated_system:  # Llama 3.1+ templates always write a system header with these lines
-            system = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n" + (system or "")
         if system is not None:
-            add(f"<|start_header_id|>system<|end_header_id|>\n\n{system.strip() if not dated_system else system}<|eot_id|>")
+            system = system.strip()
+        if system_date is not None:
+            system = f"Cutting Knowledge Date: December 2023\nToday Date: {system_date}\n\n{system or ''}"
+        if system is not None:
+            add(f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>")
         for m in messages:
             add(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n")
             add(m["content"].strip() + "<|eot_id|>", trained=m["role"] == "assistant")

@@ -13,7 +13,7 @@ from conftest import ROOT, tiny_config, write_tiny_tokenizer
 from generate import generate, load, sample, stream_text
 from model import CheckpointError, Transformer, resolve_checkpoint
 from test_model import write_checkpoint
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, render_chat
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -168,3 +168,66 @@ def test_offline_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     with pytest.raises(CheckpointError, match="cannot download org/tiny .*offline"):
         resolve_checkpoint("org/tiny", root=tmp_path)
+
+
+# Published chat templates (tokenizer_config.json of the named checkpoints), rendered by
+# transformers' jinja, against ours written by hand.
+TEMPLATES = {
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>",  # meta-llama/Meta-Llama-3-8B-Instruct
+               "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
+               "+ message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 "
+               "== 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if "
+               "add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+    "llama2": ("<s>", "</s>",  # meta-llama/Llama-2-7b-chat-hf
+               "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+               "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
+               "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0)"
+               " %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + "
+               "system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = "
+               "message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + "
+               "content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + "
+               "' ' + eos_token }}{% endif %}{% endfor %}"),
+    "mistral": ("<s>", "</s>",  # mistralai/Mistral-7B-Instruct-v0.1
+                "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0)"
+                " %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+                "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
+                "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"),
+}
+CHATS = [
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},
+     {"role": "assistant", "content": "Hello! "}, {"role": "user", "content": "Bye"}],
+]
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_hand_written_templates_match_the_published_ones(name, tmp_path):
+    utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    bos, eos, template = TEMPLATES[name]
+    write_tiny_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos, "chat_template": template}))
+    tok = Tokenizer(tmp_path)
+    assert tok.template == name
+    for messages in CHATS:
+        if name == "mistral" and messages[0]["role"] == "system":
+            continue  # v0.1's template refuses a system turn
+        for prompt in (True, False):
+            chat = messages if prompt else messages + [{"role": "assistant", "content": "Done."}]
+            expected = utils.render_jinja_template(conversations=[chat], chat_template=template, bos_token=bos,
+                                                   eos_token=eos, add_generation_prompt=prompt and name == "llama3")[0][0]
+            ours = render_chat(chat, name, bos, eos, add_generation_prompt=prompt and name == "llama3")[0]
+            assert ours == expected
+
+
+def test_llama31_dated_system_header():
+    # Llama 3.1's template (as rendered in its model card and by llama.cpp's tests): a system
+    # header with the knowledge cutoff and a fixed date always comes first.
+    text, spans = render_chat([{"role": "system", "content": "System message"}, {"role": "user", "content": "User message"},
+                               {"role": "assistant", "content": "Assistant message"}], "llama3", "<|begin_of_text|>",
+                              system_date="26 Jul 2024")
+    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                    "Today Date: 26 Jul 2024\n\nSystem message<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+                    "User message<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nAssistant message<|eot_id|>")
+    assert [text[a:b] for a, b in spans] == ["Assistant message<|eot_id|>"]
