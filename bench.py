@@ -10,7 +10,6 @@ peak memory (RSS on CPU, max allocated on CUDA) is its own.
 """
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -125,8 +124,10 @@ def bench_generate(args, dtype, bandwidth):
 def bench_quantize(args):
     from quant import quantize_nf4
 
-    ours, _ = (Transformer.from_pretrained(resolve_checkpoint(args.model_path), dtype=torch.bfloat16, device=args.device), None) \
-        if not args.config_json else load_models(args, torch.bfloat16)
+    if args.config_json:
+        ours, _ = load_models(args, torch.bfloat16)
+    else:
+        ours = Transformer.from_pretrained(resolve_checkpoint(args.model_path), dtype=torch.bfloat16, device=args.device)
     weights = [m.weight.data for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
     n_params = sum(w.numel() for w in weights)
     ours_s = timed(lambda: [quantize_nf4(w) for w in weights], args.device)
@@ -207,12 +208,19 @@ def train_worker(args):
         step()
     sync(args.device)
     dt = (time.perf_counter() - t) / args.steps
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
     estimate = None
     if args.impl == "ours":  # weights + LoRA + gradients + AdamW state, before activations
         from quant import memory_report
         estimate = memory_report(model)["total_bytes"]
     print(json.dumps({"tok_s": B * T / dt, "peak_bytes": peak, "estimate_bytes": estimate}))
+
+
+def peak_rss():
+    """This process's peak resident memory in bytes. (Not getrusage's ru_maxrss: Linux carries
+    it over fork and exec, so a worker would inherit the bench's own peak.)"""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def lora_train_flops_per_token(config, seq_len, r):
@@ -249,6 +257,8 @@ def bench_train(args, flops):
     per_token = lora_train_flops_per_token(config, args.seq_len, args.lora_r)
     for qlora in (False, True):
         results, failed = {}, set()
+        if qlora and args.config_json:  # transformers quantizes only while loading a checkpoint
+            failed = set(impls) - {"ours"}
         for rep in range(args.repeat):  # alternate implementations, keep each one's best
             for impl in impls:
                 if impl in failed:

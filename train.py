@@ -88,7 +88,7 @@ def parse_args(argv=None):
             p.error(f"--{name} {what}")
     if cfg.eval_data_path and cfg.eval_split:
         p.error("--eval_data_path and --eval_split exclude each other")
-    return cfg, p
+    return cfg
 
 
 class CausalLMLoss(nn.Module):
@@ -360,7 +360,8 @@ def train(cfg, rank=0, world=1, device="cpu"):
         if eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
             eval_loss, ppl = evaluate(loss_fn, eval_rows, tokenizer.pad_id, cfg.micro_batch_size, device, rank, world)
             record.update(step=step, eval_loss=round(eval_loss, 6), eval_ppl=round(ppl, 4))
-            bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}") if rank == 0 else None
+            if rank == 0:
+                bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
         if rank == 0 and record:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -381,7 +382,7 @@ def train(cfg, rank=0, world=1, device="cpu"):
 
 
 def main(argv=None):
-    cfg, parser = parse_args(argv)
+    cfg = parse_args(argv)
     rank, world, device = setup_distributed()
     try:
         train(cfg, rank, world, device)
