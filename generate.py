@@ -2,7 +2,7 @@
 
     python generate.py --prompt "What is the capital of France?"          # chat, greedy
     python generate.py --no_chat --prompt "The capital of France is"      # raw completion
-    python generate.py --adapter_path out/                                # with a trained adapter
+    python generate.py --adapter_path out/lora                            # with a trained adapter
     python generate.py                                                    # interactive chat on stdin
 
 Only the generated text goes to stdout (streamed as it arrives); timings go to stderr.
