@@ -81,9 +81,12 @@ class LoRALinear(nn.Module):
         name = self.active
         if name is None or self.disabled or self.merged:  # merged: base(x) already includes it
             return y
-        A, B = self.lora_A[name], self.lora_B[name]
-        # (..., in) -A-> (..., r) -B-> (..., out), in the adapter's dtype; added in y's dtype
-        return y + (B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]).to(y.dtype)
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        xa = A(self.lora_dropout[name](x.to(A.weight.dtype)))  # (..., in) -> (..., r), in the adapter's dtype
+        if xa.dtype != y.dtype:  # e.g. a bf16 model with fp32 adapters: the update is added in y's dtype
+            return y + (B(xa) * s).to(y.dtype)
+        # y + s * xa B^T as one matmul-and-add: no (..., out)-sized temporaries besides the result
+        return torch.addmm(y.flatten(0, -2), xa.flatten(0, -2), B.weight.T, alpha=s).view(y.shape)
 
     @torch.no_grad()
     def merge(self):

@@ -186,7 +186,23 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(g) * u, saving only g and u for backward. Autograd would also keep silu(g): a third
+    (tokens, intermediate) tensor per layer, where the largest activations of training are."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g).mul_(u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, u = ctx.saved_tensors
+        # d/du = silu(g);  d/dg = u * silu'(g) = u * s (1 + g (1 - s)), s = sigmoid(g)
+        return torch.ops.aten.silu_backward(grad * u, g), grad * F.silu(g)
 
 
 class Block(nn.Module):

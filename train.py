@@ -123,12 +123,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, len(h), chunk):
             logits = (h[i:i + chunk] @ weight.T).float()  # (n, V), fp32 as the reference does
             t = targets[i:i + chunk]
-            lse = logits.logsumexp(-1)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            # log-sum-exp by hand, exponentiating in place: the chunk's only (n, V) buffer
+            top = logits.amax(-1, keepdim=True)
+            p = logits.sub_(top).exp_()
+            total = p.sum(-1)
+            loss += (top.squeeze(1) + total.log() - target_logit).sum()
             if grad_h is not None:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g[torch.arange(len(t), device=g.device), t] -= 1
-                grad_h[i:i + chunk] = g.to(h.dtype) @ weight
+                p.div_(total[:, None])  # softmax
+                p[torch.arange(len(t), device=p.device), t] -= 1
+                grad_h[i:i + chunk] = p.to(h.dtype) @ weight
         ctx.save_for_backward(grad_h)
         return loss
 

@@ -64,7 +64,13 @@ def test_layer_computes_base_plus_scaled_BA():
     x = torch.randn(3, 5, 16)
     A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
     assert A.shape == (4, 16) and B.shape == (24, 4)
-    assert torch.allclose(layer(x), base(x) + 2.0 * x @ A.T @ B.T, atol=1e-6)
+    x.requires_grad_(True)
+    ours, plain = layer(x), base(x) + 2.0 * x @ A.T @ B.T
+    assert torch.allclose(ours, plain, atol=1e-6)
+    # and the gradients w.r.t. x, A and B (ours adds the update with one addmm; atol 1e-5)
+    g = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (x, A, B), g), torch.autograd.grad(plain, (x, A, B), g)):
+        assert torch.allclose(a, b, atol=1e-5)
     # A starts as nn.Linear's default init: uniform within 1/sqrt(in)
     assert A.abs().max() <= 1 / math.sqrt(16) and A.std() > 0.5 / math.sqrt(3 * 16)
 
