@@ -130,7 +130,7 @@ class RMSNorm(nn.Module):
         # normalize in fp32 for stability, then cast back before the scale (as the reference does)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return xf.to(x.dtype).mul_(self.weight)  # in place: xf is not needed for backward
 
 
 class KVCache(nn.Module):
