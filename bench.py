@@ -141,6 +141,29 @@ def bench_quantize(args):
     print(line + f", bitsandbytes {ref_s:.2f} s; ours speed / bitsandbytes = {ref_s / ours_s:.2f}x")
 
 
+def bench_qlora_memory(args):
+    """Bytes held by the loaded QLoRA model's tensors against the same model in bf16."""
+    from quant import quantize_model
+
+    if args.config_json:
+        with torch.device(args.device):
+            model = Transformer(Config.from_dict(json.load(open(args.config_json)))).to(torch.bfloat16)
+        b = held_bytes(model)
+        a = held_bytes(quantize_model(model))
+    else:
+        path = resolve_checkpoint(args.model_path)
+        b = held_bytes(Transformer.from_pretrained(path, dtype=torch.bfloat16, device=args.device))
+        a = held_bytes(Transformer.from_pretrained(path, dtype=torch.bfloat16, device=args.device, quantize="nf4"))
+    print(f"QLoRA model loaded: {a / 2**20:.0f} MiB of tensors against {b / 2**20:.0f} MiB in bf16 = {a / b:.2f}x "
+          f"(embeddings and norms stay bf16)")
+
+
+def held_bytes(model):
+    """Bytes of the distinct storages behind a model's parameters and buffers (tied weights once)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()]}.values())
+
+
 def train_worker(args):
     """One training configuration in this process; prints a JSON line with its figures."""
     torch.manual_seed(0)
@@ -319,6 +342,7 @@ def main():
         bench_generate(args, dtype, bandwidth)
     if "quantize" in only:
         bench_quantize(args)
+        bench_qlora_memory(args)
     if "train" in only:
         bench_train(args, flops)
 
