@@ -81,7 +81,7 @@ def bench_generate(args, dtype, bandwidth):
     from generate import generate
 
     ours, ref = load_models(args, dtype)
-    prompt = list(range(100, 132))
+    prompt = [i % ours.config.vocab_size for i in range(100, 132)]  # 32 tokens, valid for any vocabulary
     n = args.new_tokens
     stats = {}
 
@@ -250,7 +250,9 @@ def lora_train_flops_per_token(config, seq_len, r):
     """Model FLOPs per trained token: the frozen matmuls run forward (2 per weight) and backward
     for the input gradient only (2 more; frozen weights get no gradient), LoRA's A and B
     forward and both backward passes (6 per parameter), attention scores and mixing
-    (2 matmuls of 2*T/2*H*D per token on average under the causal mask, x3 with backward)."""
+    (2 matmuls of 2*T/2*H*D per token on average under the causal mask, x3 with backward).
+    The first block's q, k, v (frozen weight and LoRA A) need no input gradient: below them is
+    only the frozen embedding."""
     c = config
     per_layer = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) \
         + 3 * c.hidden_size * c.intermediate_size
@@ -259,7 +261,9 @@ def lora_train_flops_per_token(config, seq_len, r):
         (c.hidden_size + c.num_attention_heads * c.head_dim) * 2 + (c.hidden_size + c.num_key_value_heads * c.head_dim) * 2
         + 3 * (c.hidden_size + c.intermediate_size))
     attention = c.num_hidden_layers * 2 * 2 * (seq_len / 2) * c.num_attention_heads * c.head_dim
-    return 4 * frozen + 6 * lora + 3 * attention
+    qkv_out = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    first_qkv_input_grad = 2 * c.hidden_size * qkv_out + 2 * c.hidden_size * r * 3
+    return 4 * frozen + 6 * lora + 3 * attention - first_qkv_input_grad
 
 
 def bench_train(args, flops):
