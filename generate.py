@@ -41,7 +41,7 @@ def generate(model, prompt_ids, max_new_tokens=256, temperature=0.0, top_k=None,
              eos_ids=(), seed=None, stats=None):
     """Yield new token ids one at a time. The prompt is run once (prefill) into the KV cache;
     each further step feeds one token. stats, a dict if given, receives the timings."""
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     max_len = min(len(prompt_ids) + max_new_tokens, model.config.max_position_embeddings)
     if len(prompt_ids) >= max_len:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room within the model's "

@@ -126,12 +126,13 @@ def lora_layers(model):
     return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, LoRALinear)]
 
 
-def block_linears(model):
-    """{name: layer} of the linear layers in the transformer blocks, LoRA-wrapped or not: what
-    LoRA may target (never lm_head or the embeddings, as in PEFT)."""
+def targetable_linears(model):
+    """{name: layer} of what LoRA may adapt, LoRA-wrapped or not: the linear layers of the
+    transformer blocks, and lm_head (by name only: "all-linear" leaves it out, as in PEFT).
+    Never the embeddings."""
     inside_lora = {"base", "lora_A", "lora_B"}
     return {n: m for n, m in model.named_modules()
-            if ".layers." in n and hasattr(m, "in_features") and not inside_lora & set(n.split("."))}
+            if (".layers." in n or n == "lm_head") and hasattr(m, "in_features") and not inside_lora & set(n.split("."))}
 
 
 def apply_lora(model, r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj"), use_rslora=False,
@@ -141,9 +142,9 @@ def apply_lora(model, r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_p
     Call again with another adapter_name to add a second adapter."""
     if r < 1:
         raise LoRAError(f"LoRA rank r must be positive, not {r}")
-    linears = block_linears(model)
+    linears = targetable_linears(model)
     if target_modules == "all-linear":
-        names = list(linears)
+        names = [n for n in linears if n != "lm_head"]
     else:
         targets = {target_modules} if isinstance(target_modules, str) else set(target_modules)
         existing = sorted({n.rsplit(".", 1)[-1] for n in linears})
@@ -224,9 +225,17 @@ def disable_adapters(model):
 
 def merge_lora(model):
     """Fold the active adapter into each base weight; forwards then cost no more than the base.
-    An NF4 base is dequantized first and becomes an nn.Linear in its compute dtype."""
+    An NF4 base is dequantized first and becomes an nn.Linear in its compute dtype; an lm_head
+    tied to the embeddings is untied first."""
+    model = unwrap(model)
     layers = [m for _, m in lora_layers(model) if m.active and not m.merged]
     nf4 = [m for m in layers if not isinstance(m.base, nn.Linear)]
+    head = model.lm_head
+    if head in layers and head.base.weight is model.model.embed_tokens.weight:
+        # merging into a tied lm_head would change the embedding table too: give it its own copy
+        head.base.weight = nn.Parameter(head.base.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        print("merge_lora: the adapter changes lm_head, so lm_head is untied from the embeddings")
     for m in layers:
         m.merge()
     if nf4:
@@ -326,14 +335,17 @@ def match_adapter(model, path, config, tensors):
     """{layer name: {"lora_A": A, "lora_B": B}}, after checking that every tensor is the A or B
     of a block linear of this model, with shapes A: (r, in), B: (out, r)."""
     weights_file, r = Path(path) / WEIGHTS_FILE, config["r"]
-    linears, layers = block_linears(model), {}
+    linears, layers = targetable_linears(model), {}
     for key, t in tensors.items():
+        if key == PEFT_PREFIX + "lm_head.base_layer.weight" and "lm_head" in linears:
+            check_saved_head(model, weights_file, key, t)
+            continue
         if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise LoRAError(f"{weights_file}: unexpected tensor {key} (only LoRA A/B weights are supported)")
         name, part = key[len(PEFT_PREFIX):-len(".lora_A.weight")], key.split(".")[-2]
         if name not in linears:
-            raise LoRAError(f"{weights_file}: {key}: this model has no linear layer {name} in its "
-                            "transformer blocks (an adapter for another base?)")
+            raise LoRAError(f"{weights_file}: {key}: this model has no linear layer {name} that LoRA "
+                            "can adapt (an adapter for another base?)")
         layer = linears[name]
         expected = (r, layer.in_features) if part == "lora_A" else (layer.out_features, r)
         if tuple(t.shape) != expected:
@@ -346,6 +358,16 @@ def match_adapter(model, path, config, tensors):
         if missing := {"lora_A", "lora_B"} - set(ab):
             raise LoRAError(f"{weights_file}: {name} has no {missing.pop()} weight")
     return layers
+
+
+def check_saved_head(model, weights_file, key, t):
+    """PEFT saves the base lm_head beside an adapter of it (for vocabularies resized before
+    training) and loads it over the model's: accepted only when it is this model's own."""
+    head = unwrap(model).lm_head
+    w = (head.base if isinstance(head, LoRALinear) else head).weight
+    if t.shape != w.shape or not torch.equal(t.to(w.device, w.dtype), w):
+        raise LoRAError(f"{weights_file}: {key} differs from this model's lm_head (a resized vocabulary, "
+                        "or an adapter for another base?)")
 
 
 def load_adapter(model, path, adapter_name="default", dtype=torch.float32):

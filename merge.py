@@ -2,7 +2,8 @@
 
     python merge.py --model_path BASE --adapter_path out/lora --output_dir out/merged
 
-Each targeted weight becomes W + scaling * B @ A, in the base's own dtype. An adapter trained with
+Each targeted weight becomes W + scaling * B @ A, in the base's own dtype. An adapter of an lm_head
+that the base ties to its embeddings unties them: lm_head.weight is written, the embeddings kept. An adapter trained with
 QLoRA is merged into the original full-precision weights read from BASE (not into the NF4 ones,
 which would bake 4-bit rounding into every weight). config.json, tokenizer and generation files
 are copied; weights are written as safetensors, sharded with an index past --max_shard_size.
@@ -78,11 +79,12 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
         print(f"{adapter_path} was trained with QLoRA: merging it into the full-precision weights of {path}")
     dtype = dtype or checkpoint_dtype(path)
     model = Transformer.from_pretrained(path, dtype=dtype)
+    tied = model.config.tie_word_embeddings
     load_adapter(model, adapter_path)  # refuses an adapter whose layers do not fit this base
-    merge_and_unload(model)
+    merge_and_unload(model)  # unties lm_head from the embeddings if the adapter changes it
     state = model.state_dict()
     if model.config.tie_word_embeddings:
-        del state["lm_head.weight"]  # the same tensor as the embeddings, which LoRA never changes
+        del state["lm_head.weight"]  # the same tensor as the embeddings
     # Write everything into a sibling folder, then swap it in: a failure never leaves half a checkpoint.
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -91,6 +93,10 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
     for name in COPIED:
         if (path / name).exists():
             shutil.copy2(path / name, tmp / name)
+    if tied and not model.config.tie_word_embeddings:
+        config = {**json.loads((path / "config.json").read_text()), "tie_word_embeddings": False}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        print("the merged checkpoint has its own lm_head.weight: config.json says tie_word_embeddings: false")
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     os.replace(tmp, out)

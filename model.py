@@ -284,7 +284,7 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch_size, max_len):
         """Give each attention layer a KV cache of max_len positions (None to remove them)."""
-        c, p = self.config, self.lm_head.weight
+        c, p = self.config, self.model.embed_tokens.weight  # the compute dtype (lm_head may be LoRA-wrapped)
         for block in self.model.layers:
             block.self_attn.kv_cache = None if batch_size is None else KVCache(
                 batch_size, max_len, c.num_key_value_heads, c.head_dim, p.dtype, block.input_layernorm.weight.device)

@@ -44,7 +44,7 @@ class TrainConfig:
     lora_alpha: float = field(default=32.0, metadata={"help": "scaling = alpha / r (usually alpha = 2r)"})
     lora_dropout: float = 0.05
     use_rslora: bool = field(default=False, metadata={"help": "scaling = alpha / sqrt(r)"})
-    target_modules: str = field(default="all-linear", metadata={"help": "comma-separated (q_proj,v_proj,...) or all-linear"})
+    target_modules: str = field(default="all-linear", metadata={"help": "comma-separated (q_proj,v_proj,...; lm_head too) or all-linear (the blocks' linears)"})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: NF4-quantize the frozen base"})
     num_epochs: int = 5
     max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: num_epochs worth"})

@@ -153,6 +153,26 @@ def test_merge_unmerge_and_unload():
     assert torch.allclose(model(x), out, atol=1e-5)
 
 
+def test_lm_head_adapter_merges_into_an_untied_copy(capsys):
+    # lm_head shares its weight with the embedding table; merging an adapter of lm_head gives it
+    # its own copy: the embeddings are untouched and the logits (|l| ~ 10) those of base + adapter (atol 1e-4)
+    model = tiny(tie_word_embeddings=True)
+    embeddings = model.model.embed_tokens.weight.clone()
+    apply_lora(model, target_modules=["lm_head", "q_proj"], verbose=False)
+    randomize_B(model)
+    x = ids()
+    with torch.no_grad():
+        base = model(x)
+        with disable_adapters(model):
+            effect = (model(x) - base).abs().max()
+        merge_and_unload(model)
+        merged = model(x)
+    assert "lm_head is untied from the embeddings" in capsys.readouterr().out
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight and not model.config.tie_word_embeddings
+    assert (merged - base).abs().max() < 1e-4 and effect > 1e-2
+
+
 def test_merged_adapter_cannot_be_switched_or_disabled():
     model = lora_model()
     apply_lora(model, adapter_name="other", verbose=False)
@@ -323,6 +343,19 @@ def test_mismatched_adapters_are_refused(tmp_path):
     with pytest.raises(LoRAError, match="unexpected tensor base_model.model.lm_head.weight"):
         load_adapter(tiny(), path)
 
+    # PEFT saves the base lm_head beside an adapter of it: this model's own is accepted, another refused
+    head = tiny(tie_word_embeddings=True)
+    apply_lora(head, target_modules=["lm_head"], verbose=False)
+    path = write_adapter(tmp_path / "head", head)
+    tensors = load_file(path / "adapter_model.safetensors")
+    tensors["base_model.model.lm_head.base_layer.weight"] = tiny(tie_word_embeddings=True).lm_head.weight.detach()
+    save_file(tensors, path / "adapter_model.safetensors")
+    load_adapter(tiny(tie_word_embeddings=True), path)
+    tensors["base_model.model.lm_head.base_layer.weight"] = torch.zeros(128, 64)
+    save_file(tensors, path / "adapter_model.safetensors")
+    with pytest.raises(LoRAError, match="lm_head.base_layer.weight differs from this model's lm_head"):
+        load_adapter(tiny(tie_word_embeddings=True), path)
+
     with pytest.raises(LoRAError, match="no adapter_config.json"):
         load_adapter(tiny(), tmp_path / "missing")
     model = tiny()
@@ -463,9 +496,29 @@ def test_our_adapter_loads_in_peft(smollm2, hf_base, tmp_path):
     assert (ours_logits - theirs_logits).abs().max() < 1e-4  # ...identically in both
 
 
-@pytest.mark.parametrize("peft_config", [dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-                                         dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True)])
-def test_peft_adapter_loads_here(smollm2, hf_base, tmp_path, peft_config):
+def test_our_lm_head_adapter_loads_in_peft(smollm2, hf_base, tmp_path):
+    # an adapter of the tied lm_head (and q_proj), saved here: same logits in PEFT (fp32, atol 1e-4)
+    from peft import PeftModel
+
+    ours = Transformer.from_pretrained(smollm2)
+    apply_lora(ours, r=4, alpha=8, target_modules=["lm_head", "q_proj"], verbose=False)
+    randomize_B(ours, std=0.02)
+    save_adapter(ours, tmp_path)
+    theirs = PeftModel.from_pretrained(hf_base(), tmp_path).eval()
+    x = torch.randint(0, ours.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        ours_logits, theirs_logits = ours(x), theirs(x).logits
+        with disable_adapters(ours):
+            effect = (ours(x) - ours_logits).abs().max()
+    assert (ours_logits - theirs_logits).abs().max() < 1e-4 and effect > 1e-2
+
+
+@pytest.mark.parametrize("peft_config, n_layers", [
+    (dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 60),
+    (dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True), 210),
+    (dict(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]), 31),  # lm_head tied to the embeddings
+])
+def test_peft_adapter_loads_here(smollm2, hf_base, tmp_path, peft_config, n_layers):
     # made and saved by PEFT with random nonzero A and B: same logits here (fp32, atol 1e-4)
     from peft import LoraConfig, get_peft_model
 
@@ -474,8 +527,7 @@ def test_peft_adapter_loads_here(smollm2, hf_base, tmp_path, peft_config):
     theirs.save_pretrained(tmp_path)
     ours = Transformer.from_pretrained(smollm2)
     load_adapter(ours, tmp_path)
-    expected_layers = 30 * (2 if peft_config["target_modules"] != "all-linear" else 7)
-    assert len(lora_layers(ours)) == expected_layers
+    assert len(lora_layers(ours)) == n_layers
     x = torch.randint(0, ours.config.vocab_size, (1, 16))
     with torch.no_grad():
         diff = (ours(x) - theirs(x).logits).abs().max()

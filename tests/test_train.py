@@ -58,6 +58,20 @@ def test_tiny_model_overfits(tiny_checkpoint, tmp_path):
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
 
 
+def test_lm_head_can_be_a_target(tiny_checkpoint, tmp_path):
+    # --target_modules q_proj,lm_head: the loss goes through the adapted head (its logits
+    # materialized) and falls; the adapter saves and reloads with lm_head's A and B in it
+    from lora import load_adapter
+    from model import Transformer
+
+    train.train(config(tiny_checkpoint, tmp_path, num_epochs=30, target_modules="q_proj,lm_head"))
+    loss = losses(tmp_path / "out")
+    assert loss[-1] < 0.5 * loss[0]
+    assert "base_model.model.lm_head.lora_B.weight" in load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert sorted(load_adapter(Transformer.from_pretrained(tiny_checkpoint), tmp_path / "out")["target_modules"]) == \
+        ["lm_head", "q_proj"]
+
+
 def test_eval_loss_and_perplexity_are_logged(tiny_checkpoint, tmp_path):
     cfg = config(tiny_checkpoint, tmp_path, num_epochs=2, eval_every=1,
                  eval_data_path=str(write_jsonl(tmp_path / "eval.jsonl", TINY[:3])))

@@ -89,3 +89,34 @@ def test_merge_refuses_another_base_and_a_non_empty_output(tiny_checkpoint, qlor
     assert (busy / "keep.txt").read_text() == "mine"
     merge(tiny_checkpoint, qlora_adapter, busy, force=True)
     assert not (busy / "keep.txt").exists() and (busy / "model.safetensors").exists()
+
+
+def test_adapter_of_a_tied_lm_head_merges_untied(tmp_path, capsys):
+    # The base ties lm_head to its embeddings and the adapter changes lm_head (and q_proj):
+    # merge.py writes lm_head.weight, says tie_word_embeddings: false, keeps the embeddings, and
+    # the merged logits equal base + adapter's, here (fp32, atol 1e-4) and in transformers.
+    from conftest import tiny_config
+    from lora import apply_lora, lora_layers, save_adapter
+    from test_model import write_checkpoint
+
+    base = tmp_path / "tied"
+    model = Transformer(tiny_config(tie_word_embeddings=True)).eval()
+    write_checkpoint(base, model)
+    apply_lora(model, r=4, alpha=8, target_modules=["lm_head", "q_proj"], verbose=False)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+    save_adapter(model, tmp_path / "adapter")
+    out = merge(base, tmp_path / "adapter", tmp_path / "merged")
+    assert "config.json says tie_word_embeddings: false" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    with safe_open(out / "model.safetensors", "pt") as merged, safe_open(base / "model.safetensors", "pt") as original:
+        assert "lm_head.weight" in merged.keys()
+        assert torch.equal(merged.get_tensor("model.embed_tokens.weight"), original.get_tensor("model.embed_tokens.weight"))
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        expected = model(ids)
+        assert (Transformer.from_pretrained(out)(ids) - expected).abs().max() < 1e-4
+        transformers = pytest.importorskip("transformers", reason="transformers reads the merged folder")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        assert (hf(ids).logits - expected).abs().max() < 1e-4
