@@ -86,7 +86,7 @@ class LoRALinear(nn.Module):
         if xa.dtype != y.dtype:  # e.g. a bf16 model with fp32 adapters: the update is added in y's dtype
             return y + (B(xa) * s).to(y.dtype)
         # y + s * xa B^T as one matmul-and-add: no (..., out)-sized temporaries besides the result
-        return torch.addmm(y.flatten(0, -2), xa.flatten(0, -2), B.weight.T, alpha=s).view(y.shape)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.weight.T, alpha=s).view(y.shape)
 
     @torch.no_grad()
     def merge(self):
@@ -333,7 +333,7 @@ def read_adapter(path):
 
 def match_adapter(model, path, config, tensors):
     """{layer name: {"lora_A": A, "lora_B": B}}, after checking that every tensor is the A or B
-    of a block linear of this model, with shapes A: (r, in), B: (out, r)."""
+    of a layer of this model that LoRA can adapt, with shapes A: (r, in), B: (out, r)."""
     weights_file, r = Path(path) / WEIGHTS_FILE, config["r"]
     linears, layers = targetable_linears(model), {}
     for key, t in tensors.items():
