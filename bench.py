@@ -53,28 +53,34 @@ def machine(device):
     return flops, bandwidth
 
 
+def our_model(args, dtype, quantize=None):
+    """Our model: the checkpoint, or (seeded) random weights of --config_json's shape."""
+    if not args.config_json:
+        return Transformer.from_pretrained(resolve_checkpoint(args.model_path), dtype=dtype, device=args.device,
+                                           quantize=quantize)
+    from quant import quantize_model
+
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = Transformer(Config.from_dict(json.load(open(args.config_json)))).to(dtype)
+    return quantize_model(model) if quantize else model
+
+
 def load_models(args, dtype):
-    """(ours, reference or None): the checkpoint, or random weights of --config_json's shape."""
+    """(ours, transformers' or None), in eval mode, with the same weights."""
+    ours = our_model(args, dtype).eval()
     try:
         import transformers
     except ImportError:
-        transformers = None
         print("transformers is not installed: no reference figures", file=sys.stderr)
+        return ours, None
     if args.config_json:
-        torch.manual_seed(0)
-        cfg = json.load(open(args.config_json))
-        with torch.device(args.device):
-            ours = Transformer(Config.from_dict(cfg)).to(dtype).eval()
-        ref = None
-        if transformers:
-            ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg), dtype=dtype)
-            ref = ref.to(args.device).eval()
-            ref.load_state_dict(ours.state_dict(), strict=False)  # same weights, names match
-        return ours, ref
-    path = resolve_checkpoint(args.model_path)
-    ours = Transformer.from_pretrained(path, dtype=dtype, device=args.device)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval() if transformers else None
-    return ours, ref
+        config = transformers.AutoConfig.for_model(**json.load(open(args.config_json)))
+        ref = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(args.device)
+        ref.load_state_dict(ours.state_dict(), strict=False)  # same weights, names match
+    else:
+        ref = transformers.AutoModelForCausalLM.from_pretrained(resolve_checkpoint(args.model_path), dtype=dtype)
+    return ours, ref.to(args.device).eval()
 
 
 def bench_generate(args, dtype, bandwidth):
@@ -122,12 +128,10 @@ def bench_generate(args, dtype, bandwidth):
 
 
 def bench_quantize(args):
+    """NF4 quantization speed against bitsandbytes, then the loaded QLoRA model's bytes against bf16."""
     from quant import quantize_nf4
 
-    if args.config_json:
-        ours, _ = load_models(args, torch.bfloat16)
-    else:
-        ours = Transformer.from_pretrained(resolve_checkpoint(args.model_path), dtype=torch.bfloat16, device=args.device)
+    ours = our_model(args, torch.bfloat16)
     weights = [m.weight.data for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
     n_params = sum(w.numel() for w in weights)
     ours_s = timed(lambda: [quantize_nf4(w) for w in weights], args.device)
@@ -136,24 +140,13 @@ def bench_quantize(args):
         import bitsandbytes.functional as bnbf
     except ImportError:
         print(line + " (bitsandbytes not installed: no reference)")
-        return
-    ref_s = timed(lambda: [bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) for w in weights], args.device)
-    print(line + f", bitsandbytes {ref_s:.2f} s; ours speed / bitsandbytes = {ref_s / ours_s:.2f}x")
-
-
-def bench_qlora_memory(args):
-    """Bytes held by the loaded QLoRA model's tensors against the same model in bf16."""
-    from quant import quantize_model
-
-    if args.config_json:
-        with torch.device(args.device):
-            model = Transformer(Config.from_dict(json.load(open(args.config_json)))).to(torch.bfloat16)
-        b = held_bytes(model)
-        a = held_bytes(quantize_model(model))
     else:
-        path = resolve_checkpoint(args.model_path)
-        b = held_bytes(Transformer.from_pretrained(path, dtype=torch.bfloat16, device=args.device))
-        a = held_bytes(Transformer.from_pretrained(path, dtype=torch.bfloat16, device=args.device, quantize="nf4"))
+        ref_s = timed(lambda: [bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+                               for w in weights], args.device)
+        print(line + f", bitsandbytes {ref_s:.2f} s; ours speed / bitsandbytes = {ref_s / ours_s:.2f}x")
+    b = held_bytes(ours)
+    del ours, weights  # free the bf16 model before loading the NF4 one (an 8B shape on a GPU)
+    a = held_bytes(our_model(args, torch.bfloat16, quantize="nf4"))
     print(f"QLoRA model loaded: {a / 2**20:.0f} MiB of tensors against {b / 2**20:.0f} MiB in bf16 = {a / b:.2f}x "
           f"(embeddings and norms stay bf16)")
 
@@ -174,15 +167,7 @@ def train_worker(args):
         from lora import apply_lora
         from train import CausalLMLoss
 
-        if args.config_json:
-            with torch.device(args.device):
-                model = Transformer(Config.from_dict(json.load(open(args.config_json)))).to(dtype)
-            if args.qlora:
-                from quant import quantize_model
-                quantize_model(model)
-        else:
-            model = Transformer.from_pretrained(resolve_checkpoint(args.model_path), dtype=dtype, device=args.device,
-                                                quantize="nf4" if args.qlora else None)
+        model = our_model(args, dtype, quantize="nf4" if args.qlora else None)
         apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0, target_modules="all-linear", verbose=False)
         model.gradient_checkpointing = args.gradient_checkpointing
         loss_fn = CausalLMLoss(model).train()
@@ -338,7 +323,7 @@ def main():
     torch.manual_seed(0)
     print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else f'{torch.get_num_threads()} threads'}), "
           f"torch {torch.__version__}, model: {args.config_json or args.model_path}")
-    flops, bandwidth = machine(args.device)
+    flops, bandwidth = machine(args.device) if only & {"machine", "generate", "train"} else (None, None)
     if "machine" in only:
         print(f"machine: matmul {flops / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -346,7 +331,6 @@ def main():
         bench_generate(args, dtype, bandwidth)
     if "quantize" in only:
         bench_quantize(args)
-        bench_qlora_memory(args)
     if "train" in only:
         bench_train(args, flops)
 
