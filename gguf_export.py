@@ -1,0 +1,375 @@
+"""GGUF export: a merged model as one file that llama.cpp (and so Ollama and LM Studio) loads.
+
+    python merge.py --model_path BASE --adapter_path out/lora --output_dir out/merged --gguf q8_0
+
+Its own file because it is its own concern: a second on-disk format with its own names, its own
+layout of the q/k rows and its own copy of the tokenizer, none of which the rest of nanolora
+needs. Everything here is checked against llama.cpp's convert_hf_to_gguf.py, key by key and
+tensor by tensor (tests/test_gguf.py, tests/fixtures/).
+
+The format, GGUF version 3, little-endian, written top to bottom by `write`:
+
+    header        b"GGUF", version u32 (3), tensor count u64, key/value count u64
+    key/values    key, value type u32, value. A string is a u64 byte length + UTF-8 bytes; an
+                  array is element type u32 + count u64 + the elements
+    tensor infos  name, n_dims u32, the dims as u64, fastest-varying first (a PyTorch (out, in)
+                  weight is written (in, out)), tensor type u32, offset u64 into the data
+    padding       zeros up to a multiple of 32 bytes (general.alignment's default)
+    data          each tensor's bytes, each padded to a multiple of 32 bytes
+
+Tensor types written: F32 (norms, biases, rope factors), F16, BF16, and Q8_0: blocks of 32
+weights along a row, each an fp16 scale d = max|x| / 127 and 32 int8 round(x / d) (34 bytes).
+
+What goes in, as llama.cpp's converter writes it for these families:
+- architecture "llama" (Llama 3.x, SmolLM2) or "qwen2"; tensors renamed (token_embd, blk.N.attn_q,
+  ...); a tied lm_head is simply absent (llama.cpp reuses token_embd), an untied one is output;
+- for "llama", q/k rows permuted within each head from Hugging Face's rotate-half order to the
+  interleaved pairs llama.cpp's rope rotates (Qwen2 uses llama.cpp's NeoX rope: no permutation);
+- rope base, llama3 scaling as a rope_freqs tensor of per-frequency factors, linear scaling as
+  keys; head_dim as key_length/value_length;
+- the tokenizer: tokens, token types, merges, special ids, add_bos/add_eos, the chat template, and
+  the pre-tokenizer's name, which llama.cpp finds by hashing the ids of a fixed text (below).
+One key the converter leaves out is written too: tokenizer.ggml.eot_token_id, the chat template's
+end-of-turn token, which llama.cpp would otherwise find by its name.
+"""
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+
+from model import CheckpointError, Config
+from tokenizer import Tokenizer, _content
+
+# model_type -> (GGUF architecture, q/k rows permuted for llama.cpp's rope). One line per family.
+ARCHS = {
+    "llama": ("llama", True),
+    "qwen2": ("qwen2", False),
+}
+TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}  # ggml tensor types
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # general.file_type (llama_ftype)
+ALIGNMENT = 32
+QK8_0 = 32  # weights per Q8_0 block
+
+# llama.cpp names a byte-level BPE pre-tokenizer by the sha256 of the ids its tokenizer gives this
+# text (whitespace runs, emoji, digits, scripts, contractions); the families we export:
+CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis '
+          'concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 '
+          '?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? '
+          "I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL")
+PRE_TOKENIZERS = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3, 3.1, 3.2
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5, Qwen2, Qwen2.5
+}
+SUPPORTED = "Llama 3.x, SmolLM2, Qwen2/2.5"
+
+# GGUF value types
+UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5  # token types
+# tokenizer_config's <kind>_token -> tokenizer.ggml.<name>_token_id (GGUF's spelling, typo included)
+SPECIAL_KEYS = {"bos": "bos", "eos": "eos", "unk": "unknown", "sep": "seperator", "pad": "padding",
+                "cls": "cls", "mask": "mask"}
+
+
+# ---- what goes in: key/values ----------------------------------------------------------------
+
+def _read_json(path):
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def pre_tokenizer(tok, path):
+    ids = tok.encode(CHKTXT).ids  # with the specials the tokenizer adds (Llama 3: BOS), as llama.cpp hashes
+    digest = hashlib.sha256(str(ids).encode()).hexdigest()
+    if digest not in PRE_TOKENIZERS:
+        raise CheckpointError(f"{path / 'tokenizer.json'}: GGUF export supports the byte-level BPE tokenizers "
+                              f"of {SUPPORTED}; this one is not among them (pre-tokenizer hash {digest[:16]})")
+    return PRE_TOKENIZERS[digest]
+
+
+def token_and_type(i, text, added):
+    """(text, type) of token i: added tokens are CONTROL when special (or <|...|>-shaped), else
+    USER_DEFINED; rows of the embedding with no token at all (Qwen2.5 pads) are UNUSED."""
+    if added is None:
+        return (text, NORMAL) if text is not None else (f"[PAD{i}]", UNUSED)
+    text = added["content"]
+    if added["special"] or (text.startswith("<|") and text.endswith("|>")):
+        return text, CONTROL
+    return text.replace("\u2581", " "), USER_DEFINED
+
+
+def tokenizer_kv(path, vocab_size, arch):
+    """The tokenizer.* keys: {key: (value type, value)}."""
+    tok_json = json.loads((path / "tokenizer.json").read_text())
+    cfg = _read_json(path / "tokenizer_config.json")
+    tok = HFTokenizer.from_str(json.dumps(tok_json))
+    pre = pre_tokenizer(tok, path)
+    vocab = {i: t for t, i in tok_json["model"]["vocab"].items()}
+    added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
+    tokens = [token_and_type(i, vocab.get(i), added.get(i)) for i in range(vocab_size)]
+    merges = tok_json["model"]["merges"]
+    if merges and not isinstance(merges[0], str):  # [["Ġ", "t"], ...] since tokenizers 0.20
+        merges = [" ".join(p.replace(" ", "\u0120") for p in pair) for pair in merges]
+
+    kv = {}
+    if arch == "llama" and isinstance(cfg.get("add_prefix_space"), bool):
+        kv["tokenizer.ggml.add_space_prefix"] = (BOOL, cfg["add_prefix_space"])
+    kv["tokenizer.ggml.model"] = (STRING, "gpt2")  # llama.cpp's name for byte-level BPE
+    kv["tokenizer.ggml.pre"] = (STRING, pre)
+    kv["tokenizer.ggml.tokens"] = (ARRAY, (STRING, [t for t, _ in tokens]))
+    kv["tokenizer.ggml.token_type"] = (ARRAY, (INT32, [k for _, k in tokens]))
+    kv["tokenizer.ggml.merges"] = (ARRAY, (STRING, merges))
+    # special ids: tokenizer_config's tokens first, then config.json's *_token_id for the rest
+    content = {a["content"]: a["id"] for a in reversed(tok_json.get("added_tokens", []))}  # first wins
+    special = {}
+    for kind in SPECIAL_KEYS:
+        if (t := _content(cfg.get(f"{kind}_token"))) in content:
+            special[kind] = content[t]
+    config = _read_json(path / "config.json")
+    for kind in SPECIAL_KEYS:
+        if kind not in special and isinstance(config.get(f"{kind}_token_id"), int):
+            special[kind] = config[f"{kind}_token_id"]
+    for kind, i in special.items():
+        kv[f"tokenizer.ggml.{SPECIAL_KEYS[kind]}_token_id"] = (UINT32, i)
+    for kind, add in add_special(tok_json, cfg).items():
+        kv[f"tokenizer.ggml.add_{kind}_token"] = (BOOL, add)
+    template = cfg.get("chat_template")
+    if template is None and (path / "chat_template.jinja").exists():
+        template = (path / "chat_template.jinja").read_text()
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t["name"]: t["template"] for t in template}
+        for name, text in named.items():
+            if name != "default":
+                kv[f"tokenizer.chat_template.{name}"] = (STRING, text)
+        if len(named) > 1:
+            kv["tokenizer.chat_templates"] = (ARRAY, (STRING, [n for n in named if n != "default"]))
+        template = named.get("default")
+    if template is not None:
+        kv["tokenizer.chat_template"] = (STRING, template)
+    eot = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(Tokenizer(path).template)
+    if eot in content:
+        kv["tokenizer.ggml.eot_token_id"] = (UINT32, content[eot])
+    return kv
+
+
+def add_special(tok_json, cfg):
+    """Whether llama.cpp adds BOS/EOS to raw text: as tokenizer.json's post-processor does
+    (Llama 3's template prepends <|begin_of_text|>), else as tokenizer_config says."""
+    post = tok_json.get("post_processor") or {}
+    add = {}
+    for p in post.get("processors", [post]):
+        if p.get("type") == "ByteLevel":
+            add.setdefault("bos", False), add.setdefault("eos", False)
+        elif p.get("type") == "TemplateProcessing" and len(single := p.get("single", [])) > 1:
+            if first := single[0].get("SpecialToken", {}).get("id"):
+                add["bos"] = first == _content(cfg.get("bos_token"))
+            if last := single[-1].get("SpecialToken", {}).get("id"):
+                add["eos"] = last == _content(cfg.get("eos_token"))
+    for kind in ("bos", "eos"):
+        if isinstance(cfg.get(f"add_{kind}_token"), bool):
+            add.setdefault(kind, cfg[f"add_{kind}_token"])
+    return add
+
+
+def metadata(path, ftype):
+    """Every key/value of the file for the checkpoint folder `path`; raises CheckpointError (one
+    line) for a family or tokenizer llama.cpp's llama/qwen2 architectures cannot take as is."""
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    c = Config.from_dict(raw)  # the same reading of config.json as the model's
+    if c.model_type not in ARCHS:
+        raise CheckpointError(f"{path / 'config.json'}: GGUF export supports {SUPPORTED} "
+                              f"(model_type {', '.join(ARCHS)}), not model_type {c.model_type}")
+    arch, permuted = ARCHS[c.model_type]
+    kv = {"general.architecture": (STRING, arch), "general.type": (STRING, "model"),
+          "general.name": (STRING, path.name)}
+    n = arch + "."
+    kv.update({n + "block_count": (UINT32, c.num_hidden_layers),
+               n + "context_length": (UINT32, c.max_position_embeddings),
+               n + "embedding_length": (UINT32, c.hidden_size),
+               n + "feed_forward_length": (UINT32, c.intermediate_size),
+               n + "attention.head_count": (UINT32, c.num_attention_heads),
+               n + "attention.head_count_kv": (UINT32, c.num_key_value_heads)})
+    if (c.rope_scaling or {}).get("rope_type") == "linear":  # llama3 scaling is a tensor instead
+        kv[n + "rope.scaling.type"] = (STRING, "linear")
+        kv[n + "rope.scaling.factor"] = (FLOAT32, c.rope_scaling["factor"])
+    kv[n + "rope.freq_base"] = (FLOAT32, c.rope_theta)
+    kv[n + "attention.layer_norm_rms_epsilon"] = (FLOAT32, c.rms_norm_eps)
+    if permuted or raw.get("head_dim"):  # transformers' LlamaConfig always has a head_dim; Qwen2's only if set
+        kv[n + "attention.key_length"] = kv[n + "attention.value_length"] = (UINT32, c.head_dim)
+    kv["general.file_type"] = (UINT32, FILE_TYPES[ftype])
+    if arch == "llama":
+        kv[n + "vocab_size"] = (UINT32, c.vocab_size)
+        kv[n + "rope.dimension_count"] = (UINT32, c.head_dim)
+    kv["general.quantization_version"] = (UINT32, 2)
+    return {**kv, **tokenizer_kv(path, c.vocab_size, arch)}
+
+
+# ---- what goes in: tensors -------------------------------------------------------------------
+
+NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+         "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+       "lm_head.weight": "output.weight"}
+
+
+def gguf_name(name):
+    """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight"""
+    if name in TOP:
+        return TOP[name]
+    parts = name.split(".")  # model, layers, N, module..., weight|bias
+    if parts[:2] == ["model", "layers"] and ".".join(parts[3:-1]) in NAMES:
+        return f"blk.{parts[2]}.{NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
+    raise CheckpointError(f"tensor {name} has no GGUF name")
+
+
+def permute_qk(w, n_heads):
+    """Rows of each head from rotate-half order (x_0..x_{d/2-1}, y_0..y_{d/2-1}) to interleaved
+    pairs (x_0, y_0, x_1, y_1, ...), the layout of llama.cpp's (and Meta's) rope for llama."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(c):
+    """llama3 scaling as llama.cpp applies it: each rotary frequency divided by a factor
+    (1 for short wavelengths, `factor` for long ones, smoothly in between), in fp32."""
+    s, d = c.rope_scaling, c.head_dim
+    freqs = 1.0 / (c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    old, low, high = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
+    wavelen = 2 * torch.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    mid = 1 / ((1 - smooth) / s["factor"] + smooth)
+    return torch.where(wavelen < old / high, 1.0, torch.where(wavelen > old / low, s["factor"], mid)).float()
+
+
+def tensors(state, c, ftype):
+    """[(GGUF name, tensor as in the checkpoint, ggml type)] in llama.cpp's converter's order."""
+    arch, permuted = ARCHS[c.model_type]
+    out = []
+    if (c.rope_scaling or {}).get("rope_type") == "llama3":
+        out.append(("rope_freqs.weight", llama3_rope_factors(c), TYPES["f32"]))
+    for name in sorted(state):
+        w = state[name]
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = permute_qk(w, c.num_attention_heads)
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = permute_qk(w, c.num_key_value_heads)
+        new = gguf_name(name)
+        if w.dim() == 1 or new.endswith("_norm.weight"):
+            t = "f32"  # norms and biases stay full precision
+        elif ftype == "q8_0" and w.shape[-1] % QK8_0:
+            t = "f16"  # rows that do not split into blocks: llama.cpp's converter falls back to F16
+        else:
+            t = ftype
+        out.append((new, w, TYPES[t]))
+    return out
+
+
+# ---- the bytes -------------------------------------------------------------------------------
+
+def quantize_q8_0(x):
+    """(..., n) float32, n % 32 == 0 -> uint8 (..., n / 32 * 34), as ggml's quantize_row_q8_0."""
+    blocks = x.reshape(-1, QK8_0)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    inv = torch.where(d == 0, 0.0, 1 / d)
+    v = blocks * inv
+    a = v.abs()
+    q = torch.sign(v) * (a.floor() + (a - a.floor() >= 0.5))  # C's roundf: halves away from zero
+    scale = d.to(torch.float16).view(torch.uint8)  # (blocks, 2)
+    return torch.cat([scale, q.to(torch.int8).view(torch.uint8)], dim=1).reshape(*x.shape[:-1], -1)
+
+
+def encode(w, ggml_type):
+    """Bytes of a tensor in a ggml type; the checkpoint's dtype goes through fp32 first, as in
+    llama.cpp's converter (so bf16 -> f16 rounds once, from the exact bf16 values)."""
+    x = w.detach().to("cpu", torch.float32)
+    if ggml_type == TYPES["f32"]:
+        return x.numpy().tobytes()
+    if ggml_type == TYPES["f16"]:
+        return x.half().numpy().tobytes()
+    if ggml_type == TYPES["bf16"]:
+        return x.bfloat16().view(torch.int16).numpy().tobytes()
+    return quantize_q8_0(x).numpy().tobytes()
+
+
+def nbytes(w, ggml_type):
+    n = w.numel()
+    return {0: 4 * n, 1: 2 * n, 30: 2 * n, 8: n // QK8_0 * 34}[ggml_type]
+
+
+def _string(s):
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _value(vtype, value):
+    if vtype == STRING:
+        return _string(value)
+    if vtype == ARRAY:
+        etype, items = value
+        head = struct.pack("<IQ", etype, len(items))
+        if etype == STRING:
+            return head + b"".join(_string(s) for s in items)
+        return head + struct.pack(f"<{len(items)}{'i' if etype == INT32 else 'I'}", *items)
+    return struct.pack({UINT32: "<I", INT32: "<i", FLOAT32: "<f", BOOL: "<?"}[vtype], value)
+
+
+def _pad(n):
+    return -n % ALIGNMENT
+
+
+def write(file, kv, tensors, chunk=1 << 24):
+    """Write a GGUF v3 file: header, key/values, tensor infos, padding, aligned tensor data."""
+    with open(file, "wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)))
+        for key, (vtype, value) in kv.items():
+            f.write(_string(key) + struct.pack("<I", vtype) + _value(vtype, value))
+        offset = 0
+        for name, w, ggml_type in tensors:
+            dims = list(reversed(w.shape))  # ggml: fastest-varying dimension first
+            f.write(_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, offset))
+            offset += nbytes(w, ggml_type) + _pad(nbytes(w, ggml_type))
+        f.write(b"\0" * _pad(f.tell()))
+        for name, w, ggml_type in tensors:
+            rows = w.reshape(-1, w.shape[-1]) if w.dim() > 1 else w.reshape(1, -1)
+            for part in rows.split(max(1, chunk // rows.shape[1])):  # a few MB at a time
+                f.write(encode(part, ggml_type))
+            f.write(b"\0" * _pad(nbytes(w, ggml_type)))
+
+
+# ---- Ollama ----------------------------------------------------------------------------------
+
+def ollama_template(tok):
+    """The chat format nanolora trains with (tokenizer.render_chat), as an Ollama Go template:
+    .System is the chat's system prompt or the Modelfile's SYSTEM, .Messages the turns."""
+    if tok.template == "chatml":
+        return ('{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+                '{{- range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n'
+                '{{ .Content }}<|im_end|>\n{{ end }}{{ end }}<|im_start|>assistant\n')
+    if tok.template == "llama3":  # BOS is not in the template: the GGUF says add_bos
+        system = "<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>"
+        if tok.system_date:  # Llama 3.1+: a system header with the date, always
+            system = system.replace("{{ .System }}", "Cutting Knowledge Date: December 2023\n"
+                                    f"Today Date: {tok.system_date}\n\n{{{{ .System }}}}")
+        else:
+            system = "{{- if .System }}" + system + "{{ end }}"
+        return (system + '{{- range .Messages }}{{ if ne .Role "system" }}<|start_header_id|>{{ .Role }}'
+                '<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}{{ end }}'
+                '<|start_header_id|>assistant<|end_header_id|>\n\n')
+    return None
+
+
+def modelfile(gguf_file, path):
+    """An Ollama Modelfile: the GGUF, the chat template, the template's default system prompt,
+    and a stop for every token that ends a reply."""
+    tok = Tokenizer(path)
+    lines = [f"FROM ./{gguf_file}"]
+    if template := ollama_template(tok):
+        lines.append(f'TEMPLATE """{template}"""')
+    if tok.default_system:
+        lines.append(f'SYSTEM """{tok.default_system}"""')
+    lines += [f'PARAMETER stop "{tok.tok.id_to_token(i)}"' for i in sorted(tok.eos_ids)]
+    return "\n".join(lines) + "\n"
