@@ -102,6 +102,7 @@ def token_and_type(i, text, added):
 
 def tokenizer_kv(path, vocab_size, arch):
     """The tokenizer.* keys: {key: (value type, value)}."""
+    template = Tokenizer(path).template  # also: a clear error for a missing or broken tokenizer.json
     tok_json = json.loads((path / "tokenizer.json").read_text())
     cfg = _read_json(path / "tokenizer_config.json")
     tok = HFTokenizer.from_str(json.dumps(tok_json))
@@ -135,20 +136,20 @@ def tokenizer_kv(path, vocab_size, arch):
         kv[f"tokenizer.ggml.{SPECIAL_KEYS[kind]}_token_id"] = (UINT32, i)
     for kind, add in add_special(tok_json, cfg).items():
         kv[f"tokenizer.ggml.add_{kind}_token"] = (BOOL, add)
-    template = cfg.get("chat_template")
-    if template is None and (path / "chat_template.jinja").exists():
-        template = (path / "chat_template.jinja").read_text()
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {t["name"]: t["template"] for t in template}
+    chat = cfg.get("chat_template")
+    if chat is None and (path / "chat_template.jinja").exists():
+        chat = (path / "chat_template.jinja").read_text()
+    if isinstance(chat, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t["name"]: t["template"] for t in chat}
         for name, text in named.items():
             if name != "default":
                 kv[f"tokenizer.chat_template.{name}"] = (STRING, text)
         if len(named) > 1:
             kv["tokenizer.chat_templates"] = (ARRAY, (STRING, [n for n in named if n != "default"]))
-        template = named.get("default")
-    if template is not None:
-        kv["tokenizer.chat_template"] = (STRING, template)
-    eot = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(Tokenizer(path).template)
+        chat = named.get("default")
+    if chat is not None:
+        kv["tokenizer.chat_template"] = (STRING, chat)
+    eot = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(template)
     if eot in content:
         kv["tokenizer.ggml.eot_token_id"] = (UINT32, content[eot])
     return kv

@@ -8,6 +8,7 @@ which would bake 4-bit rounding into every weight). An adapter of an lm_head tha
 to its embeddings unties them: lm_head.weight is written and the embeddings are kept.
 config.json (tie_word_embeddings: false then), tokenizer and generation files are copied;
 weights are written as safetensors, sharded with an index past --max_shard_size.
+--gguf TYPE also writes model-TYPE.gguf for llama.cpp and an Ollama Modelfile (gguf_export.py).
 """
 import argparse
 import json
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import gguf_export
 from lora import load_adapter, merge_and_unload
 from model import InputError, Transformer, resolve_checkpoint, weight_files
 
@@ -69,7 +71,7 @@ def write_safetensors(state, out, max_shard_size):
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 10**9, dtype=None):
+def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 10**9, dtype=None, gguf=None):
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise InputError(f"--output_dir {out} is not empty; pass --force to replace it")
@@ -78,6 +80,8 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
     train_config = adapter_path / "train_config.json"
     if train_config.exists() and json.loads(train_config.read_text()).get("load_in_4bit"):
         print(f"{adapter_path} was trained with QLoRA: merging it into the full-precision weights of {path}")
+    if gguf:
+        gguf_kv = gguf_export.metadata(path, gguf)  # an unsupported family fails here, before any work
     dtype = dtype or checkpoint_dtype(path)
     model = Transformer.from_pretrained(path, dtype=dtype)
     tied = model.config.tie_word_embeddings
@@ -98,6 +102,11 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
         config = {**json.loads((path / "config.json").read_text()), "tie_word_embeddings": False}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         print("the merged checkpoint has its own lm_head.weight: config.json says tie_word_embeddings: false")
+    if gguf:
+        name = f"model-{gguf}.gguf"
+        gguf_export.write(tmp / name, gguf_kv, gguf_export.tensors(state, model.config, gguf))
+        (tmp / "Modelfile").write_text(gguf_export.modelfile(name, path))
+        print(f"{out / name} written for llama.cpp; {out / 'Modelfile'} for Ollama: ollama create NAME -f {out / 'Modelfile'}")
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     os.replace(tmp, out)
@@ -113,11 +122,12 @@ def main(argv=None):
     p.add_argument("--output_dir", required=True, help="where the merged checkpoint goes")
     p.add_argument("--force", action="store_true", help="replace a non-empty --output_dir")
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the merged weights (default: the base's)")
+    p.add_argument("--gguf", choices=gguf_export.TYPES, help="also write model-TYPE.gguf (llama.cpp, Ollama, LM Studio) and an Ollama Modelfile")
     p.add_argument("--max_shard_size", default="5GB", type=parse_size, help="largest safetensors file before sharding (default: %(default)s)")
     args = p.parse_args(argv)
     try:
         merge(args.model_path, args.adapter_path, args.output_dir, args.force, args.max_shard_size,
-              DTYPES.get(args.dtype))
+              DTYPES.get(args.dtype), args.gguf)
     except InputError as e:
         print(f"merge.py: error: {e}", file=sys.stderr)
         sys.exit(2)
