@@ -105,7 +105,7 @@ def tokenizer_kv(path, vocab_size, arch):
     template = Tokenizer(path).template  # also: a clear error for a missing or broken tokenizer.json
     tok_json = json.loads((path / "tokenizer.json").read_text())
     cfg = _read_json(path / "tokenizer_config.json")
-    tok = HFTokenizer.from_str(json.dumps(tok_json))
+    tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
     pre = pre_tokenizer(tok, path)
     vocab = {i: t for t, i in tok_json["model"]["vocab"].items()}
     added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
