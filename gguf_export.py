@@ -178,8 +178,8 @@ def metadata(path, ftype):
     """Every key/value of the file for the checkpoint folder `path`; raises CheckpointError (one
     line) for a family or tokenizer llama.cpp's llama/qwen2 architectures cannot take as is."""
     path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
-    c = Config.from_dict(raw)  # the same reading of config.json as the model's
+    c = Config.from_json(path / "config.json")  # the same reading of config.json as the model's
+    raw = _read_json(path / "config.json")
     if c.model_type not in ARCHS:
         raise CheckpointError(f"{path / 'config.json'}: GGUF export supports {SUPPORTED} "
                               f"(model_type {', '.join(ARCHS)}), not model_type {c.model_type}")

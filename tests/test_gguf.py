@@ -251,3 +251,21 @@ def test_tokenizer_in_the_file_encodes_like_tokenizer_json(exported):
     bos, eos = r.fields["tokenizer.ggml.bos_token_id"].contents(), r.fields["tokenizer.ggml.eos_token_id"].contents()
     assert (tokens[bos], tokens[eos], r.fields["tokenizer.ggml.add_bos_token"].contents()) == ("<|im_start|>", "<|im_end|>", False)
     assert r.fields["tokenizer.chat_template"].contents() == json.loads((SMOLLM2 / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def test_modelfile_for_llama3_templates(smollm2, tmp_path):
+    # a Llama 3.1-style template (a dated system header, always) in a tokenizer_config: the
+    # Modelfile writes that header, and a stop for <|eot_id|>
+    path = shutil.copytree(smollm2, tmp_path / "llama3", ignore=shutil.ignore_patterns("*.safetensors"))
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    tok = json.loads((path / "tokenizer.json").read_text())
+    tok["added_tokens"].append({"id": 3, "content": "<|eot_id|>", "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": False, "special": True})
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    cfg["chat_template"] = "{{ bos_token }}<|start_header_id|>system<|end_header_id|>Cutting Knowledge Date: December 2023"
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    text = gguf_export.modelfile("model-q8_0.gguf", path)
+    assert text.startswith('FROM ./model-q8_0.gguf\nTEMPLATE """<|start_header_id|>system<|end_header_id|>\n\n'
+                           'Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{{ .System }}<|eot_id|>')
+    assert text.endswith('<|start_header_id|>assistant<|end_header_id|>\n\n"""\nPARAMETER stop "<|im_end|>"\n'
+                         'PARAMETER stop "<|eot_id|>"\n')
