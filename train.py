@@ -80,13 +80,15 @@ class TrainConfig:
     enable_model_splitting: bool = flag(False, "spread layers over the visible GPUs (one process)")
     # bookkeeping: may change when resuming
     eval_every: int = flag(0, "steps between evaluations; 0: at the end only")
-    save_every: int = flag(50, "steps between checkpoints; 0: none")
+    save_every: int = flag(None, "steps between checkpoints; default: a tenth of the run; 0: none")
+    keep_checkpoints: int = flag(1, "how many of the newest checkpoints to keep; 0: all")
     log_every: int = flag(1, "steps between lines of metrics.jsonl")
     resume: bool = flag(False, "continue the run in output_dir, with its own settings")
 
 
 # Settings that do not change what a run computes: --resume may be given new values for these.
-BOOKKEEPING = {"eval_every", "save_every", "log_every", "gradient_checkpointing", "output_dir", "resume"}
+BOOKKEEPING = {"eval_every", "save_every", "keep_checkpoints", "log_every", "gradient_checkpointing", "output_dir",
+               "resume"}
 
 
 def parse_args(argv=None):
@@ -288,11 +290,12 @@ def batch_to(b, device):
 
 # --- checkpoints: safetensors for tensors, JSON for the rest, never pickle ---------------------
 
-def save_checkpoint(out, model, optimizer, state):
+def save_checkpoint(out, model, optimizer, state, keep=0):
     """out/checkpoints/step-N, written in a temporary folder and renamed into place, so a
-    checkpoint folder is complete whenever it exists."""
+    checkpoint folder is complete whenever it exists; then all but the `keep` newest are deleted."""
     from safetensors.torch import save_file
 
+    t0 = time.perf_counter()
     final = out / "checkpoints" / f"step-{state['step']}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -304,12 +307,20 @@ def save_checkpoint(out, model, optimizer, state):
     save_file(tensors, tmp / "trainer_state.safetensors")
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer": opt_json}, indent=1))
     os.replace(tmp, final)
+    for old in checkpoints(out)[:-keep] if keep else []:
+        shutil.rmtree(old)
+    size = sum(f.stat().st_size for f in final.iterdir())
+    tqdm.write(f"saved {final} ({size / 1e6:.0f} MB, {time.perf_counter() - t0:.1f} s)")
+
+
+def checkpoints(out):
+    """out/checkpoints/step-N folders, oldest first (by N as a number: step-9 before step-10)."""
+    steps = {int(p.name[5:]): p for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit()}
+    return [steps[n] for n in sorted(steps)]
 
 
 def latest_checkpoint(out):
-    """The newest out/checkpoints/step-N (N as a number: step-10 is newer than step-9), or None."""
-    steps = {int(p.name[5:]): p for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit()}
-    return steps[max(steps)] if steps else None
+    return (checkpoints(out) or [None])[-1]
 
 
 def load_checkpoint(path, model, optimizer):
@@ -362,6 +373,17 @@ def setup_distributed():
         return rank, world, torch.device("cuda", local)
     dist.init_process_group("gloo")
     return rank, world, torch.device("cpu")
+
+
+def cpu_threads():
+    """Threads for training on the CPU: torch's default (one per core) less the cores other
+    processes keep busy (the 1-minute load average). Threads that outnumber the free cores
+    spin-wait on each other: two runs on 2 shared cores each went ~20x slower with 2 threads
+    than with 1. OMP_NUM_THREADS, when set, decides."""
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return torch.get_num_threads()
+    free = (os.cpu_count() or 1) - round(os.getloadavg()[0])
+    return max(1, min(torch.get_num_threads(), free))
 
 
 def all_sum(x, world):
@@ -419,6 +441,15 @@ def build_model(cfg, path, device, world, verbose):
     return model.train()
 
 
+def make_loss(cfg, model, world, device):
+    """CausalLMLoss, fused unless --loss plain or lm_head has an adapter; under torchrun, in DDP."""
+    loss_fn = CausalLMLoss(model, fused=cfg.loss == "fused" and fused_loss_applies(model))
+    if world == 1:
+        return loss_fn
+    on_cuda = torch.device(device).type == "cuda"
+    return nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device] if on_cuda else None)
+
+
 def start_output(out, cfg, step):
     """Write train_config.json; cut metrics.jsonl back to what step `step` had logged."""
     out.mkdir(parents=True, exist_ok=True)
@@ -461,7 +492,7 @@ def catch_signals():
 def train(cfg, rank=0, world=1, device="cpu"):
     """Train an adapter as cfg says and save it to cfg.output_dir; returns the model.
     Raises Interrupted once a Ctrl-C / SIGTERM run has saved its checkpoint."""
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = tqdm.write if rank == 0 else (lambda text: None)  # tqdm.write: printed above the progress bar
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     resume_from = check_output_dir(cfg, out, world, say)
@@ -472,15 +503,13 @@ def train(cfg, rank=0, world=1, device="cpu"):
     rows, eval_rows = load_data(cfg, tokenizer, say)
     steps_per_epoch = data.steps_per_epoch(len(rows), cfg.effective_batch_size)
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+    save_every = cfg.save_every if cfg.save_every is not None else math.ceil(total_steps / 10)
 
     # model, loss, optimizer: only the adapters' A and B train
     model = build_model(cfg, path, device, world, verbose=rank == 0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
-    loss_fn = CausalLMLoss(model, fused=cfg.loss == "fused" and fused_loss_applies(model))
-    if world > 1:
-        on_cuda = torch.device(device).type == "cuda"
-        loss_fn = nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device] if on_cuda else None)
+    loss_fn = make_loss(cfg, model, world, device)
 
     # resume: adapter weights, optimizer state, RNG state and step from the newest checkpoint
     step = 0
@@ -521,24 +550,21 @@ def train(cfg, rank=0, world=1, device="cpu"):
             record = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=round(loss, 6), lr=lr,
                           grad_norm=round(float(grad_norm), 6), tokens_per_s=round(n_tokens / dt, 1),
                           elapsed_s=round(time.perf_counter() - t_start, 2))
-            log = step % cfg.log_every == 0 or step == total_steps
 
             # evaluate: every eval_every steps and at the end
             if eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
                 eval_loss, ppl = evaluate(loss_fn, eval_rows, tokenizer.pad_id, cfg.micro_batch_size,
                                           device, rank, world)
                 record.update(eval_loss=round(eval_loss, 6), eval_ppl=round(ppl, 4))
-                log = True
-                if rank == 0:
-                    bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
-            if rank == 0 and log:
+                say(f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
+            if rank == 0 and (step % cfg.log_every == 0 or step == total_steps or "eval_loss" in record):
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
 
             # checkpoint: every save_every steps, and when Ctrl-C / SIGTERM reached any rank
             interrupted = all_sum(torch.tensor(float(stop["signal"] is not None), device=device), world).item() > 0
-            if rank == 0 and (interrupted or (cfg.save_every and step % cfg.save_every == 0 and step < total_steps)):
-                save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch})
+            if rank == 0 and (interrupted or (save_every and step % save_every == 0 and step < total_steps)):
+                save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch}, cfg.keep_checkpoints)
             if interrupted:
                 if world > 1:
                     dist.barrier()  # the checkpoint is written before any rank leaves
@@ -558,6 +584,11 @@ def train(cfg, rank=0, world=1, device="cpu"):
 def main(argv=None):
     cfg = parse_args(argv)
     rank, world, device = setup_distributed()
+    threads = cpu_threads()
+    if device.type == "cpu" and threads != torch.get_num_threads():
+        print(f"cpu: {threads} threads, not {torch.get_num_threads()}: other processes keep cores busy "
+              "(the load average); OMP_NUM_THREADS=N to choose")
+        torch.set_num_threads(threads)
     try:
         train(cfg, rank, world, device)
     except (InputError, data.DataError) as e:

@@ -209,7 +209,8 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_checkpoint, tmp_p
     cfg = config(tiny_checkpoint, tmp_path, lora_dropout=0.1, num_epochs=3, save_every=2, output_dir=str(tmp_path / "full"))
     train.train(cfg)
     interrupt_during_step(monkeypatch, 4)  # epoch 1, its second step
-    cut = config(tiny_checkpoint, tmp_path, lora_dropout=0.1, num_epochs=3, save_every=2, output_dir=str(tmp_path / "cut"))
+    cut = config(tiny_checkpoint, tmp_path, lora_dropout=0.1, num_epochs=3, save_every=2, keep_checkpoints=0,
+                 output_dir=str(tmp_path / "cut"))
     with pytest.raises(train.Interrupted, match="continue with: python train.py --output_dir .* --resume"):
         train.train(cut)  # stops after saving step 4
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2", "step-4"]
@@ -225,7 +226,8 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_checkpoint, tmp_p
 def test_resume_continues_the_same_run(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     # `--output_dir X --resume` takes every setting from X/train_config.json, not the defaults; a flag
     # that changes the run is refused naming it; bookkeeping flags (save_every) may change, and it says so.
-    cfg = config(tiny_checkpoint, tmp_path, lr_scheduler="linear", warmup_steps=1, num_epochs=3, save_every=2)
+    cfg = config(tiny_checkpoint, tmp_path, lr_scheduler="linear", warmup_steps=1, num_epochs=3, save_every=2,
+                 keep_checkpoints=0)
     interrupt_during_step(monkeypatch, 3)
     with pytest.raises(train.Interrupted):
         train.train(cfg)
@@ -249,6 +251,17 @@ def test_resume_continues_the_same_run(tiny_checkpoint, tmp_path, monkeypatch, c
     assert [r["step"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())] == \
         [1, 2, 3, 4, 6]  # logged every step until the cut, then every second one, and the last
     assert json.loads((tmp_path / "out" / "train_config.json").read_text())["save_every"] == 5
+
+
+def test_by_default_a_run_checkpoints_every_tenth_of_it_and_keeps_the_newest(tiny_checkpoint, tmp_path, monkeypatch):
+    # 30 steps: a checkpoint every 3 steps (none at the end: the adapter is saved then), one kept.
+    written = []
+    real = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda out, m, o, state, keep: written.append(state["step"]) or
+                        real(out, m, o, state, keep))
+    train.train(config(tiny_checkpoint, tmp_path, num_epochs=15, save_every=None))
+    assert written == list(range(3, 30, 3))
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-27"]
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
