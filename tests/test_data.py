@@ -6,20 +6,24 @@ import pytest
 import torch
 
 import data
+from conftest import write_chatml_tokenizer
 from model import Config, Transformer
 from tokenizer import TEMPLATES, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = Path(__file__).resolve().parent / "data"
-SMOLLM2 = ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
 END = "<|im_end|>"  # SmolLM2's end of turn, eos and pad (id 2)
 
 
 @pytest.fixture(scope="module")
-def tok():
-    if not (SMOLLM2 / "tokenizer.json").exists():
-        pytest.skip(f"SmolLM2 checkpoint not found at {SMOLLM2}; run ../shared/tools/get_smollm2.sh")
-    return Tokenizer(SMOLLM2)
+def tok_path(tmp_path_factory):
+    """SmolLM2's tokenizer pipeline and config with a small vocabulary (conftest), made here."""
+    return write_chatml_tokenizer(tmp_path_factory.mktemp("chatml"))
+
+
+@pytest.fixture(scope="module")
+def tok(tok_path):
+    return Tokenizer(tok_path)
 
 
 def trained_pieces(tok, input_ids, labels):
@@ -49,18 +53,31 @@ ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an i
                 "Translate to French.\n\n### Input:\nthank you\n\n### Response:\n")
 
 
-@pytest.mark.parametrize("name, expected", [
+REPLIES = [
     ("messages.jsonl", [["Paris." + END], ["Red." + END, "Blue, or yellow." + END], ["Merci, et voilà ☺" + END]]),
     ("sharegpt.jsonl", [["Paris." + END], ["Red." + END, "Blue, or yellow." + END], ["Eight." + END]]),
     ("alpaca.jsonl", [["Paris." + END], ["merci" + END], ["2 + 3 = 5" + END]]),
     ("text.jsonl", [["The capital of France is Paris." + END],
                     ["Plain text records are learned in full, first token to last." + END],
                     ["Line one.\nLine two." + END]]),
-])
+]
+
+
+@pytest.mark.parametrize("name, expected", REPLIES)
 def test_only_replies_and_their_end_of_turn_are_learned(tok, name, expected):
     rows, stats = data.load_dataset(FILES / name, tok, max_seq_len=512)
     assert [trained_pieces(tok, r["input_ids"], r["labels"]) for r in rows] == expected
     assert stats["n_examples"] == stats["n_rows"] == 3 and stats["n_truncated"] == 0
+
+
+def test_only_replies_are_learned_with_smollm2s_own_tokenizer(smollm2):
+    """The same labels with the real tokenizer (49k tokens, other merges across the boundaries)."""
+    real = Tokenizer(smollm2)
+    for name, expected in REPLIES:
+        rows, _ = data.load_dataset(FILES / name, real, max_seq_len=512)
+        assert [trained_pieces(real, r["input_ids"], r["labels"]) for r in rows] == expected, name
+    rows, stats = data.load_dataset(ROOT / "data" / "brannock_chat.jsonl", real, max_seq_len=512)
+    assert stats["n_truncated"] == 0  # the bundled data fits the default --max_seq_len
 
 
 def test_prompts_are_not_learned(tok):
@@ -84,9 +101,9 @@ def test_alpaca_prompts_are_stanfords(tok):
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
-def test_labels_follow_the_rendered_spans_in_every_template(tok, template):
+def test_labels_follow_the_rendered_spans_in_every_template(tok_path, template):
     """Whatever the template writes around them, the learned tokens spell exactly the reply spans."""
-    t = Tokenizer(SMOLLM2, template=template)
+    t = Tokenizer(tok_path, template=template)
     t.tok.add_special_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])  # as Llama 3's vocab has them
     record = json.loads((FILES / "messages.jsonl").read_text().splitlines()[1])
     text, spans = t.render(record["messages"])
