@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import data
-from conftest import write_chatml_tokenizer
+from conftest import tiny_config, write_chatml_tokenizer, write_tiny_tokenizer
 from model import Config, Transformer
+from test_model import write_checkpoint
 from tokenizer import TEMPLATES, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -316,6 +317,59 @@ def test_conversation_without_chat_template_is_a_data_error(tmp_path):
     path = write(tmp_path / "c.jsonl", [GOOD])
     with pytest.raises(data.DataError, match=r"c\.jsonl:1: a conversation, but the checkpoint has no chat template"):
         data.load_dataset(path, t, max_seq_len=16)
+
+
+# --- the double-BOS trap -----------------------------------------------------------------------
+
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+                   " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}")
+
+
+def write_llama_tokenizer(path):
+    """Word-level, ids: <unk> 0, <|begin_of_text|> 1, headers 2-3, <|eot_id|> 4, w0 5, w1 6, ...;
+    BOS prepended by tokenizer.json's post-processor, and written by the chat template."""
+    write_tiny_tokenizer(path, specials=("<unk>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                         "<|eot_id|>"), bos="<|begin_of_text|>")
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE}))
+
+
+@pytest.mark.parametrize("template", ["llama3", "llama2", "mistral"])
+def test_a_template_that_writes_bos_gets_no_second_one(tmp_path, template):
+    """Llama's tokenizer.json prepends BOS to whatever it encodes, and these chat templates write
+    BOS themselves: encoding the rendered chat the usual way starts with two BOS, a sequence the
+    model never saw in training. Every row starts with exactly one."""
+    write_llama_tokenizer(tmp_path)
+    t = Tokenizer(tmp_path, template=template)
+    bos = t.token_id("<|begin_of_text|>")
+    assert t.bos_id == bos and t.add_bos  # raw text does get a BOS
+    record = {"messages": [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]}
+    text = t.render(record["messages"])[0]
+    assert text.startswith("<|begin_of_text|>") and t.tok.encode(text).ids[:2] == [bos, bos]  # the trap
+    for r in (record, {"text": "w1 w2"}, {"instruction": "w1", "output": "w2"}):
+        ids, _ = data.tokenize(r, t, "x:1")
+        assert ids[0] == bos and ids.count(bos) == 1, r
+
+
+def test_generation_prompts_get_one_bos(tmp_path, monkeypatch, capsys):
+    """generate.py's prompt, chat or raw, starts with exactly one BOS (the ids given to generate())."""
+    import generate
+
+    write_checkpoint(tmp_path, Transformer(tiny_config()))
+    write_llama_tokenizer(tmp_path)
+    prompts, real_generate = [], generate.generate
+
+    def spy(model, prompt_ids, *args, **kwargs):
+        prompts.append(list(prompt_ids))
+        return real_generate(model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate", spy)
+    for raw in ([], ["--no_chat"]):
+        generate.main(["--model_path", str(tmp_path), "--prompt", "w1 w2", "--max_new_tokens", "2", "--device", "cpu", *raw])
+    capsys.readouterr()
+    chat_ids, raw_ids = prompts
+    assert chat_ids[:2] == [1, 2] and chat_ids.count(1) == 1  # <|begin_of_text|><|start_header_id|>user...
+    assert raw_ids == [1, 6, 7]  # <|begin_of_text|> w1 w2
 
 
 # --- the bundled data --------------------------------------------------------------------------
