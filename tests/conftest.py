@@ -36,9 +36,7 @@ def pytest_runtest_makereport(item, call):
     # except for the GPU tests, which a CPU runner cannot run.
     report = yield
     if report.skipped and in_ci() and not hasattr(report, "wasxfail") and item.get_closest_marker("cuda") is None:
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.outcome = "failed"
-        report.longrepr = f"skipped under CI=true, where only tests marked cuda may skip: {reason}"
+        fail_skip(report)
     return report
 
 
@@ -47,9 +45,14 @@ def pytest_make_collect_report(collector):
     # the same for a whole module skipped while collected (a module-level importorskip)
     report = yield
     if report.skipped and in_ci():
-        report.outcome = "failed"
-        report.longrepr = f"{collector.nodeid} skipped under CI=true, where only tests marked cuda may skip: {report.longrepr}"
+        fail_skip(report)
     return report
+
+
+def fail_skip(report):
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr  # (file, line, reason)
+    report.outcome = "failed"
+    report.longrepr = f"skipped under CI=true, where only tests marked cuda may skip: {reason}"
 
 
 @pytest.fixture
@@ -126,16 +129,20 @@ def write_chatml_tokenizer(path):
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A random tiny model saved as a Hugging Face folder, with a ChatML word-level tokenizer."""
+    return make_tiny_checkpoint(tmp_path / "tiny")
+
+
+def make_tiny_checkpoint(path, **config):
+    """tiny_config(**config) with seeded random weights, saved as a Hugging Face folder."""
     from model import Transformer
     from test_model import write_checkpoint
 
-    path = tmp_path / "tiny"
     torch.manual_seed(0)
-    model = Transformer(tiny_config())
+    model = Transformer(tiny_config(**config))
     with torch.no_grad():  # default init caps logit gaps (|h| ~ 8, |w_v| ~ 0.6): a frozen
         model.lm_head.weight.mul_(8)  # head like that keeps any loss above ~1 nat; widen it
     write_checkpoint(path, model)
-    write_tiny_tokenizer(path)
+    write_tiny_tokenizer(path, model.config.vocab_size)
     (path / "tokenizer_config.json").write_text(json.dumps({
         "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "add_bos_token": False,
         "chat_template": "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}"}))
