@@ -232,7 +232,7 @@ def test_train_py_enable_model_splitting(tiny_checkpoint, tmp_path):
 
 def test_generation_on_cuda_equals_cpu(tiny_checkpoint):
     # fp32 on both (no TF32: PyTorch's default for matmuls): the same greedy tokens; bf16 on the
-    # GPU: the prompt's last logits within 5% of fp32's largest.
+    # GPU: the prompt's last logits within 2% of fp32's largest (0.4% with bf16 on the CPU).
     prompt = [5, 6, 7, 8]
     cpu = Transformer.from_pretrained(tiny_checkpoint)
     gpu = Transformer.from_pretrained(tiny_checkpoint, device="cuda")
@@ -241,7 +241,7 @@ def test_generation_on_cuda_equals_cpu(tiny_checkpoint):
     with torch.no_grad():
         expected = cpu(torch.tensor([prompt]))[0, -1]
         got = bf16(torch.tensor([prompt], device="cuda"))[0, -1].float().cpu()
-    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()
 
 
 def test_generate_py_on_cuda(tiny_checkpoint):
