@@ -18,8 +18,6 @@ sys.path.insert(0, str(ROOT))
 from model import Config  # noqa: E402
 
 SMOLLM2 = ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
-GET_SMOLLM2 = ("download it once (270 MB) from the repository root: python generate.py --prompt Hi --max_new_tokens 1 "
-               "(the default model is fetched from the Hugging Face Hub into checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct)")
 
 
 def in_ci():
@@ -59,7 +57,9 @@ def fail_skip(report):
 def smollm2():
     """Path of the real SmolLM2-135M-Instruct checkpoint; skips the test when it is absent."""
     if not (SMOLLM2 / "model.safetensors").exists():
-        pytest.skip(f"needs the real SmolLM2-135M-Instruct at {SMOLLM2}: {GET_SMOLLM2}")
+        # any command with the default model downloads it from the Hugging Face Hub into SMOLLM2
+        pytest.skip(f"needs the real model at {SMOLLM2}; download it once (270 MB) from the repository root "
+                    "with: python generate.py --prompt Hi --max_new_tokens 1")
     return SMOLLM2
 
 
