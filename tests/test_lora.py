@@ -10,6 +10,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import quant
 from conftest import tiny_config
 from lora import (LoRAError, LoRALinear, apply_lora, count_parameters, disable_adapters, load_adapter,
                   load_adapter_weights, lora_layers, merge_and_unload, merge_lora, save_adapter, set_adapter,
@@ -367,7 +368,6 @@ def test_mismatched_adapters_are_refused(tmp_path):
 # --- QLoRA, DDP, gradient checkpointing -----------------------------------------------------------
 
 def test_qlora_trains_merges_and_loads(tmp_path, capsys):
-    quant = pytest.importorskip("quant")
     model, x = tiny(), ids()
     total = count_parameters(model)[1]
     quant.quantize_model(model)
@@ -395,7 +395,6 @@ def test_qlora_trains_merges_and_loads(tmp_path, capsys):
 def test_qlora_equals_lora_on_the_dequantized_weights():
     # the NF4 base computes with its dequantized weight, so LoRA over NF4 == LoRA over a plain
     # model holding the dequantized weights: logits and A/B gradients agree (fp32, atol 1e-5)
-    quant = pytest.importorskip("quant")
     qmodel = quant.quantize_model(tiny())
     plain = tiny()
     plain.load_state_dict(plain.state_dict() | {f"{n}.weight": m.dequantize(torch.float32)
@@ -415,7 +414,6 @@ def test_qlora_equals_lora_on_the_dequantized_weights():
 
 def test_merge_and_unload_leaves_untargeted_nf4_layers_alone():
     # targeted layers become nn.Linear (merged), the others stay NF4; same logits (atol 1e-5)
-    quant = pytest.importorskip("quant")
     model, x = quant.quantize_model(tiny()), ids()
     apply_lora(model, target_modules=["q_proj", "down_proj"], verbose=False)
     randomize_B(model)
