@@ -28,14 +28,15 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+from hub import DEFAULT_MODEL, resolve_checkpoint
 from lora import apply_lora, load_adapter_weights, save_adapter
-from model import InputError, Transformer, resolve_checkpoint
+from model import InputError, Transformer
 from tokenizer import TEMPLATES, Tokenizer
 
 
 @dataclass
 class TrainConfig:
-    model_path: str = field(default="HuggingFaceTB/SmolLM2-135M-Instruct", metadata={"help": "checkpoint folder or hub id"})
+    model_path: str = field(default=DEFAULT_MODEL, metadata={"help": "checkpoint folder or hub id"})
     data_path: str = field(default="data/brannock_chat.jsonl", metadata={"help": "training JSONL (messages, ShareGPT, Alpaca or text)"})
     eval_data_path: str = field(default=None, metadata={"help": "evaluation JSONL"})
     eval_split: float = field(default=0.0, metadata={"help": "or hold out this fraction of the training rows"})
