@@ -92,7 +92,8 @@ def download(repo_id, local):
                 return False
             # The Hub answers a model that does not exist as it answers a private one (401
             # without a token, 404 with one): on the first file, that is most often a typo.
-            if name == HUB_FILES[0] and e.code in (401, 403, 404):
+            # (EntryNotFound: the model is there, without this file, e.g. a GGUF-only one.)
+            if name == HUB_FILES[0] and e.code in (401, 403, 404) and e.headers.get("X-Error-Code") != "EntryNotFound":
                 hint = "gated? accept its terms on its Hub page" if token else "private or gated? set HF_TOKEN"
                 raise CheckpointError(f"{repo_id}: no such folder, and no such model on the Hub ({hint})") from None
             hint = " (gated or private: set HF_TOKEN)" if e.code in (401, 403) else ""

@@ -205,10 +205,13 @@ def test_adapter_path_is_checked_before_the_model_loads(tmp_path, script, case, 
 
 class Refuses(http.server.BaseHTTPRequestHandler):
     """Answers every file as the Hub answers a model that does not exist (or is private)."""
-    code = 404
+    code, error_code = 404, "RepoNotFound"
 
     def do_GET(self):
-        self.send_error(Refuses.code)
+        self.send_response(Refuses.code)
+        self.send_header("X-Error-Code", Refuses.error_code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def log_message(self, *args):
         pass
@@ -245,6 +248,16 @@ def test_hub_refusal_names_both_readings(tmp_path, refusing_hub, monkeypatch, co
         Refuses.code = 404
     assert str(e.value) == f"org/typo: no such folder, and no such model on the Hub ({hint})"
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_hub_model_without_config_json_is_not_called_missing(tmp_path, refusing_hub):
+    Refuses.error_code = "EntryNotFound"  # the repository exists; the file does not (a GGUF-only one)
+    try:
+        with pytest.raises(CheckpointError) as e:
+            resolve_checkpoint("org/gguf-only", root=tmp_path / "checkpoints")
+    finally:
+        Refuses.error_code = "RepoNotFound"
+    assert str(e.value) == f"{refusing_hub}/org/gguf-only/resolve/main/config.json: HTTP 404"
 
 
 def test_offline_leaves_no_empty_folder(tmp_path, monkeypatch):
