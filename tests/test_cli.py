@@ -90,15 +90,43 @@ def test_ctrl_c_in_chat_ends_the_reply_then_leaves(endless):
     assert err.count("[stopped]") == 1 and out.count("> ") == 2
 
 
-def test_two_ctrl_c_in_a_reply_leave_the_chat(endless):
-    p = cli("generate.py", "--model_path", str(endless), "--max_new_tokens", "30000")
-    p.stdin.write("w1 w2\n")
-    p.stdin.flush()
-    read_until(p, p.stdout, lambda t: len(t.split()) >= 6)
-    p.send_signal(signal.SIGINT)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 0 and "Traceback" not in err
+class CtrlC(io.StringIO):
+    """An output on which Ctrl-C is pressed (`times` times at once) as the n-th piece of text arrives."""
+
+    def __init__(self, at, times=1):
+        super().__init__()
+        self.at, self.times, self.writes = at, times, 0
+
+    def write(self, text):
+        self.writes += 1
+        if self.writes == self.at:
+            for _ in range(self.times):
+                signal.raise_signal(signal.SIGINT)
+        return super().write(text)
+
+
+def test_ctrl_c_mid_reply_leaves_the_model_ready_for_the_next(endless):
+    model, tok = load(endless)
+    chat = Chat(model, tok, {}, dict(max_new_tokens=1000), chat=False, out=CtrlC(at=3))
+    assert chat.reply("w1 w2") is False  # stopped, no exception
+    assert chat.out.getvalue().endswith("\n") and len(chat.out.getvalue().split()) < 10
+    assert all(b.self_attn.kv_cache is None for b in model.model.layers)  # the cache is freed
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C outside a reply leaves
+    chat.out, chat.sampling = io.StringIO(), dict(max_new_tokens=20)
+    assert chat.reply("w1 w2") is True and chat.out.getvalue().strip()  # ran to max_new_tokens
+
+
+def test_a_second_ctrl_c_in_a_reply_leaves_the_chat(endless):
+    model, tok = load(endless)
+    chat = Chat(model, tok, {}, dict(max_new_tokens=1000), chat=False, out=CtrlC(at=3, times=2))
+    with pytest.raises(KeyboardInterrupt):
+        chat.reply("w1 w2")
+    assert all(b.self_attn.kv_cache is None for b in model.model.layers)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    chat.out = CtrlC(at=3, times=2)
+    prompts = iter(["w1 w2", "never read"])
+    chat.run(lambda shown: next(prompts))  # returns: the chat is left, quietly
+    assert next(prompts) == "never read"
 
 
 # --- several adapters -----------------------------------------------------------------------------
