@@ -26,17 +26,31 @@ from test_model import write_checkpoint
 CLOSED = "http://127.0.0.1:9"  # nothing listens on the discard port
 
 
-def cli(script, *args, cwd=ROOT, endpoint=CLOSED):
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "OMP_NUM_THREADS": "1"}
-    env.pop("HF_TOKEN", None)
-    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def env(endpoint=CLOSED):
+    return {**{k: v for k, v in os.environ.items() if k != "HF_TOKEN"}, "HF_ENDPOINT": endpoint, "OMP_NUM_THREADS": "1"}
 
 
 def run(script, *args, cwd=ROOT, stdin="", endpoint=CLOSED):
-    p = cli(script, *args, cwd=cwd, endpoint=endpoint)
-    out, err = p.communicate(stdin, timeout=300)
-    return p.returncode, out, err
+    r = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env(endpoint), input=stdin,
+                       capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stdout, r.stderr
+
+
+@pytest.fixture
+def start():
+    """Starts generate.py with pipes to talk to it; one still running when the test ends is killed."""
+    procs = []
+
+    def start(*args):
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "generate.py"), *args], env=env(), text=True,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
 
 
 def one_line_error(rc, err, message):
@@ -65,8 +79,8 @@ def read_until(p, stream, done, timeout=120):
     return text
 
 
-def test_ctrl_c_ends_a_prompt_without_traceback(endless):
-    p = cli("generate.py", "--model_path", str(endless), "--prompt", "w1 w2", "--max_new_tokens", "30000")
+def test_ctrl_c_ends_a_prompt_without_traceback(endless, start):
+    p = start("--model_path", str(endless), "--prompt", "w1 w2", "--max_new_tokens", "30000")
     streamed = read_until(p, p.stdout, lambda t: len(t.split()) >= 5)  # generation is under way
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
@@ -76,8 +90,8 @@ def test_ctrl_c_ends_a_prompt_without_traceback(endless):
     assert (streamed + out).endswith("\n") and len((streamed + out).split()) < 30000
 
 
-def test_ctrl_c_in_chat_ends_the_reply_then_leaves(endless):
-    p = cli("generate.py", "--model_path", str(endless), "--max_new_tokens", "30000")
+def test_ctrl_c_in_chat_ends_the_reply_then_leaves(endless, start):
+    p = start("--model_path", str(endless), "--max_new_tokens", "30000")
     p.stdin.write("w1 w2\n")
     p.stdin.flush()
     out = read_until(p, p.stdout, lambda t: len(t.split()) >= 6)  # "> " then the reply streaming
