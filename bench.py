@@ -2,7 +2,7 @@
 
     python bench.py                                  # CPU, SmolLM2-135M-Instruct, every measure
     python bench.py --only generate,quantize         # some of: machine generate quantize train
-    python bench.py --device cuda --config_json llama3-8b.json   # random weights of any shape
+    python bench.py --device cuda --config_json configs/llama3-8b.json   # random weights of a shape
 
 Machines are noisy: every figure that matters is printed as a ratio against the reference
 measured in the same run, alternating runs. Training runs each in a fresh process so that its
@@ -17,9 +17,8 @@ import time
 
 import torch
 
-from model import Config, Transformer, resolve_checkpoint
-
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from hub import DEFAULT_MODEL, resolve_checkpoint
+from model import Config, Transformer
 
 
 def sync(device):

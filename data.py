@@ -62,7 +62,7 @@ def read_jsonl(path):
         try:
             records.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
     if not records:
         raise DataError(f"{path}: the dataset is empty")
     return records

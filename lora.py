@@ -370,6 +370,17 @@ def check_saved_head(model, weights_file, key, t):
                         "or an adapter for another base?)")
 
 
+def check_adapter_folder(path):
+    """Scripts call this before loading a model (minutes, or a download), so a wrong path fails
+    at once; read_adapter checks the files' contents when the adapter loads."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LoRAError(f"{path}: no such adapter folder")
+    for file in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / file).is_file():
+            raise LoRAError(f"{path}: no {file} (not a PEFT adapter folder)")
+
+
 def load_adapter(model, path, adapter_name="default", dtype=torch.float32):
     """Add the adapter saved at `path` (by save_adapter or PEFT) as `adapter_name` and make it
     active, after checking every tensor fits this model. Returns its adapter_config dict."""

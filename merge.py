@@ -21,8 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from lora import load_adapter, merge_and_unload
-from model import InputError, Transformer, resolve_checkpoint, weight_files
+from hub import resolve_checkpoint, same_checkpoint
+from lora import check_adapter_folder, load_adapter, merge_and_unload
+from model import InputError, Transformer, weight_files
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -73,6 +74,7 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise InputError(f"--output_dir {out} is not empty; pass --force to replace it")
+    check_adapter_folder(adapter_path)  # every path before the base loads (or downloads)
     path = resolve_checkpoint(model_path)
     adapter_path = Path(adapter_path)
     train_config = adapter_path / "train_config.json"
@@ -81,7 +83,10 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
     dtype = dtype or checkpoint_dtype(path)
     model = Transformer.from_pretrained(path, dtype=dtype)
     tied = model.config.tie_word_embeddings
-    load_adapter(model, adapter_path)  # refuses an adapter whose layers do not fit this base
+    config = load_adapter(model, adapter_path)  # refuses an adapter whose layers do not fit this base
+    if (base := config.get("base_model_name_or_path")) and not same_checkpoint(base, model_path):
+        print(f"merge.py: warning: {adapter_path} was trained on {base}, not on {model_path} "
+              "(fine if it is the same model at another path)", file=sys.stderr)
     merge_and_unload(model)  # unties lm_head from the embeddings if the adapter changes it
     state = model.state_dict()
     if model.config.tie_word_embeddings:

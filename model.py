@@ -9,12 +9,8 @@ names and PEFT keys map one to one.
     model = Transformer.from_pretrained("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")
     logits = model(input_ids)  # (B, T) -> (B, T, vocab)
 """
-import http.client
 import json
 import math
-import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -297,7 +293,7 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", quantize=None):
-        """Load a checkpoint folder (or hub id, see resolve_checkpoint) without two copies of it.
+        """Load a checkpoint folder without two copies of it (a hub id: hub.resolve_checkpoint first).
 
         The model is built on the meta device (no memory) and each tensor is read from its
         safetensors file straight into place; with quantize="nf4" every linear layer of the
@@ -305,7 +301,7 @@ class Transformer(nn.Module):
         """
         from safetensors import safe_open
 
-        path = resolve_checkpoint(path)
+        path = Path(path)
         config = Config.from_json(path / "config.json")
         files = weight_files(path)
         with torch.device("meta"):
@@ -373,74 +369,3 @@ def weight_files(path):
             return {k: "model.safetensors" for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{single}: not a readable safetensors file ({e})") from None
-
-
-# --- checkpoints from the Hugging Face Hub ------------------------------------------------------
-
-HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
-
-
-def resolve_checkpoint(path, root="checkpoints"):
-    """A local folder as is; a hub id "org/name" that is not one becomes root/org/name,
-    downloaded on first use (files are written under a .part name and renamed when complete,
-    so an interrupted download is resumed, never mistaken for a complete one)."""
-    p = Path(path)
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise CheckpointError(f"{p}: no config.json (not a Hugging Face checkpoint folder)")
-        return p
-    if p.exists() or len(p.parts) != 2 or str(path).startswith((".", "/")):
-        raise CheckpointError(f"{path}: no such checkpoint folder")
-    local = Path(root) / p
-    if not (local / "config.json").exists() or not _weights_complete(local):
-        download(str(path), local)
-    return local
-
-
-def _weights_complete(local):
-    try:
-        return all((local / f).exists() for f in set(weight_files(local).values()))
-    except CheckpointError:
-        return False
-
-
-def download(repo_id, local):
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    local.mkdir(parents=True, exist_ok=True)
-
-    def fetch(name, required=True):
-        if (local / name).exists():
-            return True
-        from tqdm import tqdm
-        url = f"{endpoint}/{repo_id}/resolve/main/{name}"
-        req = urllib.request.Request(url)
-        if token := os.environ.get("HF_TOKEN"):
-            req.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                total = int(r.headers.get("Content-Length") or 0) or None
-                part = local / (name + ".part")
-                with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=name, leave=False) as bar:
-                    while chunk := r.read(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-                if total is not None and part.stat().st_size != total:
-                    raise CheckpointError(f"{url}: download ended early ({part.stat().st_size} of {total} bytes)")
-                os.replace(part, local / name)
-                return True
-        except urllib.error.HTTPError as e:
-            if e.code == 404 and not required:
-                return False
-            hint = " (gated or private: set HF_TOKEN)" if e.code in (401, 403) else ""
-            raise CheckpointError(f"{url}: HTTP {e.code}{hint}") from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise CheckpointError(f"cannot download {repo_id} from {endpoint} (offline? {getattr(e, 'reason', e)!r}); "
-                                  f"put the checkpoint folder at {local} or pass --model_path DIR") from None
-
-    for name in HUB_FILES:
-        fetch(name, required=name in ("config.json", "tokenizer.json"))
-    if fetch("model.safetensors.index.json", required=False):
-        for shard in sorted(set(weight_files(local).values())):
-            fetch(shard)
-    else:
-        fetch("model.safetensors")

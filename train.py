@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 import data
 from data import IGNORE
+from hub import DEFAULT_MODEL, resolve_checkpoint
 from lora import apply_lora, load_adapter_weights, save_adapter
-from model import InputError, Transformer, resolve_checkpoint
+from model import InputError, Transformer
 from tokenizer import TEMPLATES, Tokenizer
 
 
@@ -43,7 +44,7 @@ def flag(default, help, choices=None):
 @dataclass
 class TrainConfig:
     # what to train, on what, and where the results go
-    model_path: str = flag("HuggingFaceTB/SmolLM2-135M-Instruct", "checkpoint folder or hub id")
+    model_path: str = flag(DEFAULT_MODEL, "checkpoint folder or hub id")
     data_path: str = flag("data/brannock_chat.jsonl", "training JSONL (messages, ShareGPT, Alpaca or text)")
     eval_data_path: str = flag(None, "evaluation JSONL")
     eval_split: float = flag(0.0, "or hold out this fraction of the training rows")
