@@ -23,6 +23,8 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -43,6 +45,22 @@ class LoRAError(InputError):
     """An adapter that does not fit this model, or bad LoRA settings; one line naming it."""
 
 
+@dataclass(frozen=True)
+class AdapterSettings:
+    """What an adapter is besides its weights; each layer holding it keeps these (save_adapter
+    writes them to adapter_config.json)."""
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+    @property
+    def scaling(self):
+        # alpha / r shrinks the update as r grows, so large ranks barely learn; rsLoRA's
+        # alpha / sqrt(r) keeps its size steady across ranks.
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
 class LoRALinear(nn.Module):
     """A frozen base layer (nn.Linear, or quant.NF4Linear for QLoRA) plus named adapters, each
     lora_A[name] (r, in), lora_B[name] (out, r) and scaling[name]. One adapter is `active`;
@@ -53,12 +71,12 @@ class LoRALinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
-        self.scaling = {}
+        self.settings, self.scaling = {}, {}  # adapter name -> AdapterSettings, and its scaling
         self.active, self.disabled, self.merged = None, False, None
         self.merged_into_nf4 = False  # the base was dequantized to merge: unmerging can't restore NF4
 
-    def add_adapter(self, name, r, alpha, dropout=0.0, use_rslora=False, dtype=torch.float32):
-        device = next(iter(self.base.state_dict().values())).device
+    def add_adapter(self, name, settings, dtype=torch.float32):
+        r, device = settings.r, device_of(self.base)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         # A: kaiming-uniform with a=sqrt(5), which is nn.Linear's own default, U(-1/sqrt(in), 1/sqrt(in)),
@@ -67,10 +85,8 @@ class LoRALinear(nn.Module):
         # gradient; with A zero too, neither would ever get one).
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # alpha / r shrinks the update as r grows, so large ranks barely learn; rsLoRA's
-        # alpha / sqrt(r) keeps its size steady across ranks.
-        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout[name] = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
+        self.settings[name], self.scaling[name] = settings, settings.scaling
 
     def delta_weight(self, name):
         """scaling * B @ A: (out, in) in fp32, the update the adapter makes to the base weight."""
@@ -91,8 +107,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self):
         """W <- W + scaling * B @ A for the active adapter, summed in fp32 and rounded once."""
-        if not isinstance(self.base, nn.Linear):  # NF4: W + BA is not NF4 any more
-            self.base, self.merged_into_nf4 = dequantized_linear(self.base), True
+        if hasattr(self.base, "to_linear"):  # quantized (quant.NF4Linear): W + BA is not NF4 any more
+            self.base, self.merged_into_nf4 = self.base.to_linear(), True
         w = self.base.weight
         w.copy_(w.float() + self.delta_weight(self.active))
         self.merged = self.active
@@ -107,23 +123,21 @@ class LoRALinear(nn.Module):
         return f"adapters={list(self.lora_A)}, active={self.active}, merged={self.merged}"
 
 
-def dequantized_linear(nf4):
-    """A frozen nn.Linear holding an NF4Linear's weight, dequantized to its compute dtype."""
-    w = nf4.dequantize()
-    linear = nn.Linear(nf4.in_features, nf4.out_features, bias=nf4.bias is not None, device="meta")
-    linear.weight = nn.Parameter(w, requires_grad=False)
-    if nf4.bias is not None:
-        linear.bias = nn.Parameter(nf4.bias.clone(), requires_grad=False)
-    return linear
-
-
-def unwrap(model):
-    """The model inside a DistributedDataParallel wrapper, whose names start with "module."."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def device_of(module):
+    """Where a module's tensors live (an NF4 layer holds buffers, no parameters)."""
+    return next(chain(module.parameters(), module.buffers())).device
 
 
 def lora_layers(model):
-    return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, LoRALinear)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def adapter_settings(model, name):
+    """The AdapterSettings of adapter `name`, as the layers holding it keep them (None: no such adapter)."""
+    for _, m in lora_layers(model):
+        if name in m.settings:
+            return m.settings[name]
+    return None
 
 
 def targetable_linears(model):
@@ -148,11 +162,12 @@ def apply_lora(model, r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_p
     else:
         targets = {target_modules} if isinstance(target_modules, str) else set(target_modules)
         existing = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        if unknown := sorted(targets - set(existing)):
+        unknown = sorted(targets - set(existing))
+        if unknown:
             raise LoRAError(f"target module {unknown[0]!r} matches no layer; the model's linear layers are: "
                             f"{', '.join(existing)} (or all-linear)")
         names = [n for n in linears if n.rsplit(".", 1)[-1] in targets]
-    add_adapter(model, names, adapter_name, dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora), dtype)
+    add_adapter(model, names, adapter_name, AdapterSettings(r, alpha, dropout, use_rslora), dtype)
     set_adapter(model, adapter_name)
     if verbose:
         trainable, total = count_parameters(model)
@@ -161,9 +176,12 @@ def apply_lora(model, r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_p
 
 
 def add_adapter(model, names, adapter_name, settings, dtype):
-    """Wrap the named layers in LoRALinear (once) and give each a new adapter; the settings
-    (r, alpha, dropout, use_rslora) are kept on the model for save_adapter."""
-    if adapter_name in getattr(model, "lora_config", {}):
+    """Wrap the named layers in LoRALinear (once) and give each a new adapter with `settings`.
+
+    dtype: fp32 by default, whatever the model's: AdamW's update of a weight is often below
+    bf16's resolution (8 bits of mantissa: a step under 1/256 of the value rounds away), and
+    the adapter is small, so keeping it fp32 costs little (PEFT does the same, by default)."""
+    if adapter_settings(model, adapter_name) is not None:
         raise LoRAError(f"the model already has an adapter named {adapter_name!r}")
     for name in names:
         layer = model.get_submodule(name)
@@ -171,9 +189,8 @@ def add_adapter(model, names, adapter_name, settings, dtype):
             parent, _, child = name.rpartition(".")
             layer = LoRALinear(layer)
             setattr(model.get_submodule(parent), child, layer)
-        layer.add_adapter(adapter_name, dtype=dtype, **settings)
+        layer.add_adapter(adapter_name, settings, dtype)
         layer.train(model.training)  # new modules start in training mode (dropout on): follow the model
-    model.lora_config = {**getattr(model, "lora_config", {}), adapter_name: settings}
 
 
 def count_parameters(model):
@@ -183,7 +200,7 @@ def count_parameters(model):
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
     total += sum(m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
-                 for m in model.modules() if hasattr(m, "dequantize"))
+                 for m in model.modules() if hasattr(m, "to_linear"))  # quantized layers
     return trainable, total
 
 
@@ -227,14 +244,10 @@ def merge_lora(model):
     """Fold the active adapter into each base weight; forwards then cost no more than the base.
     An NF4 base is dequantized first and becomes an nn.Linear in its compute dtype; an lm_head
     tied to the embeddings is untied first."""
-    model = unwrap(model)
     layers = [m for _, m in lora_layers(model) if m.active and not m.merged]
-    nf4 = [m for m in layers if not isinstance(m.base, nn.Linear)]
-    head = model.lm_head
-    if head in layers and head.base.weight is model.model.embed_tokens.weight:
-        # merging into a tied lm_head would change the embedding table too: give it its own copy
-        head.base.weight = nn.Parameter(head.base.weight.detach().clone(), requires_grad=False)
-        model.config.tie_word_embeddings = False
+    nf4 = [m for m in layers if hasattr(m.base, "to_linear")]
+    if model.lm_head in layers and model.config.tie_word_embeddings:
+        model.untie_lm_head()  # else merging into lm_head would change the embedding table too
         print("merge_lora: the adapter changes lm_head, so lm_head is untied from the embeddings")
     for m in layers:
         m.merge()
@@ -256,12 +269,10 @@ def unmerge_lora(model):
 def merge_and_unload(model):
     """Merge, then put each plain base layer back in place of its LoRALinear: the model is a
     plain Transformer again and its state_dict has the Hugging Face key names (for merge.py)."""
-    model = unwrap(model)
     merge_lora(model)
     for name, m in lora_layers(model):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, m.base)
-    model.lora_config = {}
     return model
 
 
@@ -273,8 +284,7 @@ def save_adapter(model, path, adapter_name="default", base_model_name_or_path=No
     a crash never leaves half a file, and the config lands last, after its weights."""
     from safetensors.torch import save_file
 
-    model = unwrap(model)
-    settings = getattr(model, "lora_config", {}).get(adapter_name)
+    settings = adapter_settings(model, adapter_name)
     if settings is None:
         raise LoRAError(f"the model has no adapter named {adapter_name!r} to save")
     tensors, targets = {}, set()
@@ -284,8 +294,8 @@ def save_adapter(model, path, adapter_name="default", base_model_name_or_path=No
             tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B[adapter_name].weight.detach().cpu().contiguous()
             targets.add(name.rsplit(".", 1)[-1])
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
-                  revision=None, r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-                  use_rslora=settings["use_rslora"], target_modules=sorted(targets), bias="none",
+                  revision=None, r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                  use_rslora=settings.use_rslora, target_modules=sorted(targets), bias="none",
                   fan_in_fan_out=False, init_lora_weights=True, inference_mode=True, modules_to_save=None,
                   use_dora=False, layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={})
     path = Path(path)
@@ -355,15 +365,16 @@ def match_adapter(model, path, config, tensors):
     if not layers:
         raise LoRAError(f"{weights_file}: no LoRA weights in it")
     for name, ab in layers.items():
-        if missing := {"lora_A", "lora_B"} - set(ab):
-            raise LoRAError(f"{weights_file}: {name} has no {missing.pop()} weight")
+        for part in ("lora_A", "lora_B"):
+            if part not in ab:
+                raise LoRAError(f"{weights_file}: {name} has no {part} weight")
     return layers
 
 
 def check_saved_head(model, weights_file, key, t):
     """PEFT saves the base lm_head beside an adapter of it (for vocabularies resized before
     training) and loads it over the model's: accepted only when it is this model's own."""
-    head = unwrap(model).lm_head
+    head = model.lm_head
     w = (head.base if isinstance(head, LoRALinear) else head).weight
     if t.shape != w.shape or not torch.equal(t.to(w.device, w.dtype), w):
         raise LoRAError(f"{weights_file}: {key} differs from this model's lm_head (a resized vocabulary, "
@@ -373,12 +384,9 @@ def check_saved_head(model, weights_file, key, t):
 def load_adapter(model, path, adapter_name="default", dtype=torch.float32):
     """Add the adapter saved at `path` (by save_adapter or PEFT) as `adapter_name` and make it
     active, after checking every tensor fits this model. Returns its adapter_config dict."""
-    model = unwrap(model)
     config, tensors = read_adapter(path)
     layers = match_adapter(model, path, config, tensors)
-    settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                    use_rslora=config.get("use_rslora", False))
-    add_adapter(model, sorted(layers), adapter_name, settings, dtype)  # exactly the layers in the file
+    add_adapter(model, sorted(layers), adapter_name, settings_of(config), dtype)  # exactly the layers in the file
     copy_weights(model, layers, adapter_name)
     set_adapter(model, adapter_name)
     return config
@@ -387,18 +395,22 @@ def load_adapter(model, path, adapter_name="default", dtype=torch.float32):
 def load_adapter_weights(model, path, adapter_name="default"):
     """Copy A and B saved at `path` into the model's existing adapter (resuming training); the
     saved adapter must have the same settings and layers."""
-    model = unwrap(model)
     config, tensors = read_adapter(path)
     layers = match_adapter(model, path, config, tensors)
-    settings = getattr(model, "lora_config", {}).get(adapter_name)
-    saved = dict(r=config["r"], alpha=config["lora_alpha"], use_rslora=config.get("use_rslora", False))
-    if settings is None or any(settings[k] != v for k, v in saved.items()):
+    settings, saved = adapter_settings(model, adapter_name), settings_of(config)
+    if settings is None or asdict(settings) != {**asdict(saved), "dropout": settings.dropout}:  # dropout may differ
         raise LoRAError(f"{Path(path) / CONFIG_FILE}: {saved} does not match the model's adapter "
                         f"{adapter_name!r} ({settings})")
     if set(layers) != {n for n, m in lora_layers(model) if adapter_name in m.lora_A}:
         raise LoRAError(f"{Path(path) / WEIGHTS_FILE}: its layers differ from those of the model's "
                         f"adapter {adapter_name!r}")
     copy_weights(model, layers, adapter_name)
+
+
+def settings_of(config):
+    """AdapterSettings from an adapter_config.json dict."""
+    return AdapterSettings(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                           use_rslora=config.get("use_rslora", False))
 
 
 @torch.no_grad()

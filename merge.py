@@ -83,9 +83,7 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
     tied = model.config.tie_word_embeddings
     load_adapter(model, adapter_path)  # refuses an adapter whose layers do not fit this base
     merge_and_unload(model)  # unties lm_head from the embeddings if the adapter changes it
-    state = model.state_dict()
-    if model.config.tie_word_embeddings:
-        del state["lm_head.weight"]  # the same tensor as the embeddings
+    state = model.checkpoint_state_dict()
     # Write everything into a sibling folder, then swap it in: a failure never leaves half a checkpoint.
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

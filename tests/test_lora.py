@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
-from lora import (LoRAError, LoRALinear, apply_lora, count_parameters, disable_adapters, load_adapter,
-                  load_adapter_weights, lora_layers, merge_and_unload, merge_lora, save_adapter, set_adapter,
-                  unmerge_lora)
+from lora import (AdapterSettings, LoRAError, LoRALinear, apply_lora, count_parameters, disable_adapters,
+                  load_adapter, load_adapter_weights, lora_layers, merge_and_unload, merge_lora, save_adapter,
+                  set_adapter, unmerge_lora)
 from model import Transformer
 
 BLOCK_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -58,7 +58,7 @@ def test_layer_computes_base_plus_scaled_BA():
     # one layer, by hand: base(x) + alpha/r * x A^T B^T (atol 1e-6, fp32)
     base = nn.Linear(16, 24)
     layer = LoRALinear(base)
-    layer.add_adapter("a", r=4, alpha=8)
+    layer.add_adapter("a", AdapterSettings(r=4, alpha=8))
     layer.active = "a"
     nn.init.normal_(layer.lora_B["a"].weight)
     x = torch.randn(3, 5, 16)
@@ -439,9 +439,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
-def test_ddp_trains_and_saves_the_unwrapped_names(tmp_path):
+def test_ddp_trains_and_saves_peft_names(tmp_path):
     # one-process gloo group: DDP gives the same LoRA gradients as no DDP (atol 1e-6), and saving
-    # through the wrapper writes PEFT's names (no "module.")
+    # the model inside the wrapper (as train.py does) writes PEFT's names (no "module.")
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
@@ -453,7 +453,7 @@ def test_ddp_trains_and_saves_the_unwrapped_names(tmp_path):
             net(x).logsumexp(-1).mean().backward()
             grads.append([p.grad for p in model.parameters() if p.requires_grad])
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
-        save_adapter(net, tmp_path / "adapter")
+        save_adapter(model, tmp_path / "adapter")
         assert all(k.startswith("base_model.model.model.layers.")
                    for k in load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
     finally:
