@@ -38,7 +38,7 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 UNSUPPORTED = ("modules_to_save", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "lora_bias",
                "layer_replication", "trainable_token_indices", "target_parameters", "use_qalora",
                "alora_invocation_tokens", "use_bdlora", "velora_config", "kasa_config", "monteclora_config",
-               "arrow_config")
+               "arrow_config", "ensure_weight_tying")
 
 
 class LoRAError(InputError):
