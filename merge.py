@@ -88,9 +88,7 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
         print(f"merge.py: warning: {adapter_path} was trained on {base}, not on {model_path} "
               "(fine if it is the same model at another path)", file=sys.stderr)
     merge_and_unload(model)  # unties lm_head from the embeddings if the adapter changes it
-    state = model.state_dict()
-    if model.config.tie_word_embeddings:
-        del state["lm_head.weight"]  # the same tensor as the embeddings
+    state = model.checkpoint_state_dict()
     # Write everything into a sibling folder, then swap it in: a failure never leaves half a checkpoint.
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -275,6 +275,22 @@ class Transformer(nn.Module):
     def forward(self, input_ids, position_ids=None, doc_ids=None, start=0):
         return self.lm_head(self.hidden(input_ids, position_ids, doc_ids, start))  # (B, T, vocab)
 
+    def untie_lm_head(self):
+        """Give lm_head its own copy of the embedding table, so that one can change without the
+        other (merging an adapter into either); config.tie_word_embeddings says so from then on.
+        Under a LoRA wrapper, the copy goes to the layer it wraps (its `base`)."""
+        head = getattr(self.lm_head, "base", self.lm_head)
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        self.config.tie_word_embeddings = False
+
+    def checkpoint_state_dict(self):
+        """The state_dict as a Hugging Face checkpoint stores it: a tied lm_head.weight is left out
+        (it is the embedding table)."""
+        state = self.state_dict()
+        if self.config.tie_word_embeddings:
+            del state["lm_head.weight"]
+        return state
+
     def split_layers(self, devices):
         """Spread the blocks evenly over devices, in order, for a model too large for one GPU
         (one process; devices take turns). Embeddings, final norm and lm_head (tied with the
