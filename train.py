@@ -98,7 +98,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     for f in fields(TrainConfig):
-        kw = {"help": f"{f.metadata['help']} (default: {f.default})"}
+        # "(default: False)" says nothing; what None means is in the help text itself
+        default = "" if f.default in (None, False) else f" (default: {f.default})"
+        kw = {"help": f.metadata["help"] + default}
         if f.type is bool:
             p.add_argument(f"--{f.name}", action="store_true", **kw)
         else:

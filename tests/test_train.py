@@ -316,6 +316,39 @@ def test_qlora_with_gradient_checkpointing_trains(tiny_checkpoint, tmp_path):
     assert loss[-1] < 0.5 * loss[0]
 
 
+def test_cpu_threads_leave_the_busy_cores_alone(monkeypatch):
+    # 4 cores, a load average of 2.6 from other processes: 1 thread; an idle machine: torch's own
+    # count; OMP_NUM_THREADS set: that.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 1.0, 1.0))
+    assert train.cpu_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 1.0, 1.0))
+    assert train.cpu_threads() == 4
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.9, 1.0, 1.0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert train.cpu_threads() == 4
+
+
+def test_written_atomically_leaves_the_old_folder_after_a_failure(tmp_path):
+    from model import written_atomically
+
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    with pytest.raises(OSError):
+        with written_atomically(target) as tmp:
+            tmp.mkdir()
+            (tmp / "a.txt").write_text("half")
+            raise OSError("disk full")
+    assert (target / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    with written_atomically(target) as tmp:
+        tmp.mkdir()
+        (tmp / "b.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["b.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
