@@ -406,7 +406,9 @@ def catch_signals():
 
 def train(cfg, rank=0, world=1, device="cpu"):
     """Train an adapter as cfg says and save it to cfg.output_dir; returns the model.
-    Raises Interrupted once a Ctrl-C / SIGTERM run has saved its checkpoint."""
+    Raises Interrupted once a Ctrl-C / SIGTERM run has saved its checkpoint. One function on
+    purpose: setup, then the loop, read top to bottom in the order they run (the parts are named
+    functions above)."""
     say = tqdm.write if rank == 0 else (lambda text: None)  # tqdm.write: printed above the progress bar
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
