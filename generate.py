@@ -22,7 +22,7 @@ import torch
 
 from hub import DEFAULT_MODEL, resolve_checkpoint, same_checkpoint
 from lora import check_adapter_folder, disable_adapters, load_adapter, set_adapter
-from model import InputError, Transformer
+from model import InputError, Transformer, default_device, default_dtype, exit_on_input_error
 from tokenizer import TEMPLATES, Tokenizer
 
 
@@ -102,8 +102,8 @@ def load(model_path, adapters=(), load_in_4bit=False, device=None, dtype=None, c
     adapters = dict(adapters)
     for adapter_path in adapters.values():
         check_adapter_folder(adapter_path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
     path = resolve_checkpoint(model_path)
     tokenizer = Tokenizer(path, template=chat_template)
     model = Transformer.from_pretrained(path, dtype=dtype, device=device, quantize="nf4" if load_in_4bit else None)
@@ -284,24 +284,22 @@ def main(argv=None):
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top_p must be in (0, 1]")
     try:
-        adapters = parse_adapters(args.adapter_path)
-        model, tokenizer = load(args.model_path, adapters, args.load_in_4bit, args.device,
-                                chat_template=args.chat_template)
-        chat = not args.no_chat and tokenizer.template is not None
-        if not args.no_chat and not chat:
-            print("generate.py: this checkpoint has no chat template; raw completion (--no_chat)", file=sys.stderr)
-        sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed)
-        session = Chat(model, tokenizer, adapters, sampling, chat, args.system)
-        if adapters:
-            print(session.describe(), file=sys.stderr)
-        if args.prompt is None:
-            session.run()
-        elif not session.reply(args.prompt):
-            sys.exit(130)  # cut short by Ctrl-C: the output is not the whole answer
-    except InputError as e:  # one line for the user, not a traceback
-        print(f"generate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        with exit_on_input_error("generate.py"):
+            adapters = parse_adapters(args.adapter_path)
+            model, tokenizer = load(args.model_path, adapters, args.load_in_4bit, args.device,
+                                    chat_template=args.chat_template)
+            chat = not args.no_chat and tokenizer.template is not None
+            if not args.no_chat and not chat:
+                print("generate.py: this checkpoint has no chat template; raw completion (--no_chat)", file=sys.stderr)
+            sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+            session = Chat(model, tokenizer, adapters, sampling, chat, args.system)
+            if adapters:
+                print(session.describe(), file=sys.stderr)
+            if args.prompt is None:
+                session.run()
+            elif not session.reply(args.prompt):
+                sys.exit(130)  # cut short by Ctrl-C: the output is not the whole answer
     except KeyboardInterrupt:  # Ctrl-C while loading, or a second one during a reply
         print(file=sys.stderr)
         sys.exit(130)
