@@ -11,8 +11,8 @@ weights are written as safetensors, sharded with an index past --max_shard_size.
 """
 import argparse
 import json
-import sys
 import shutil
+import sys
 from pathlib import Path
 
 import torch
