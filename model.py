@@ -366,6 +366,8 @@ class Transformer(nn.Module):
         from safetensors import safe_open
 
         path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such checkpoint folder")
         config = Config.from_json(path / "config.json")
         files = weight_files(path)
         with torch.device("meta"):
