@@ -50,8 +50,8 @@ def resolve_checkpoint(path, root=ROOT):
 def same_checkpoint(a, b, root=ROOT):
     """Whether two --model_path values name the same folder; a hub id stands for root/org/name,
     where resolve_checkpoint puts it (nothing is downloaded)."""
-    def where(path):
-        return (Path(root) / path if is_hub_id(path) else Path(path)).resolve()
+    def where(path):  # realpath, unlike Path.resolve, never raises (on a symlink loop, say)
+        return os.path.realpath(Path(root) / path if is_hub_id(path) else path)
     return where(a) == where(b)
 
 

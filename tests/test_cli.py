@@ -316,6 +316,8 @@ def test_hub_id_and_its_download_folder_are_the_same_checkpoint(tmp_path, monkey
     (tmp_path / "checkpoints" / "org" / "m").mkdir(parents=True)
     assert same_checkpoint("org/m", "checkpoints/org/m") and same_checkpoint("org/m", str(tmp_path / "checkpoints/org/m"))
     assert not same_checkpoint("org/m", "org/other") and not same_checkpoint("checkpoints/org/m", "elsewhere/m")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a broken folder is a reason to warn, not to crash
+    assert not same_checkpoint("org/m", "o/m", root="loop") and same_checkpoint("org/m", "org/m", root="loop")
 
 
 def retarget(adapter, base):
