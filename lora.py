@@ -237,7 +237,8 @@ class LoRAEmbedding(LoRALayer):
 
     def add_adapter(self, name, settings, dtype=torch.float32):
         if settings.use_dora:
-            raise LoRAError("DoRA on the embeddings is not supported (LoRA is)")
+            raise LoRAError("use_dora: DoRA on the token embeddings is not supported (only on linear "
+                            "layers); leave embed_tokens out of target_modules")
         super().add_adapter(name, settings, dtype)
         vocab, dim = self.base.weight.shape
         device = self.base.weight.device

@@ -891,3 +891,25 @@ def test_merge_py_merges_dora_and_embedding_adapters(tmp_path, capsys):
         if name == "embed":
             with safe_open(out / "model.safetensors", "pt") as f:
                 assert torch.equal(f.get_tensor("lm_head.weight"), model.lm_head.weight)
+
+
+def test_train_py_use_dora_trains_and_saves_a_dora_adapter(tiny_checkpoint, tmp_path):
+    # train.py --use_dora: the loss falls, the saved adapter says use_dora and holds magnitudes;
+    # DoRA on the embeddings is refused in one line
+    import train
+    from conftest import chat, write_jsonl
+
+    rows = [chat(f"w{i} w{i + 1}", f"w{i + 20} w{i + 40}") for i in range(8)]
+    out = tmp_path / "out"
+    cfg = train.TrainConfig(model_path=str(tiny_checkpoint), data_path=str(write_jsonl(tmp_path / "t.jsonl", rows)),
+                            output_dir=str(out), lora_r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True,
+                            target_modules="q_proj,v_proj", learning_rate=1e-2, warmup_steps=0,
+                            micro_batch_size=4, effective_batch_size=4, max_steps=6, save_every=0, seed=0)
+    train.train(cfg)
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses[-1] < losses[0]
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    keys = set(load_file(out / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in keys
+    with pytest.raises(LoRAError, match="use_dora: DoRA on the token embeddings is not supported"):
+        apply_lora(tiny(), target_modules=["embed_tokens"], use_dora=True, verbose=False)
