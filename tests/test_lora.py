@@ -913,3 +913,29 @@ def test_train_py_use_dora_trains_and_saves_a_dora_adapter(tiny_checkpoint, tmp_
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in keys
     with pytest.raises(LoRAError, match="use_dora: DoRA on the token embeddings is not supported"):
         apply_lora(tiny(), target_modules=["embed_tokens"], use_dora=True, verbose=False)
+
+
+def test_qwen3_peft_adapter_loads_here_and_qlora_runs(tmp_path):
+    # A tiny random Qwen3 (q_norm/k_norm, own head_dim) from transformers: PEFT's all-linear
+    # adapter (its names: q_proj ... down_proj) loads here with the same logits (fp32, atol 1e-4);
+    # with an NF4 base, q_norm/k_norm stay full precision and LoRA trains
+    pytest.importorskip("peft", reason="peft names the Qwen3 targets")
+    from peft import LoraConfig, get_peft_model
+    from test_model import hf_model
+
+    hf = hf_model("qwen3")
+    hf.save_pretrained(tmp_path / "base")
+    theirs = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                           init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = Transformer.from_pretrained(tmp_path / "base")
+    load_adapter(ours, tmp_path / "adapter")
+    assert {n.rsplit(".", 1)[-1] for n, _ in lora_layers(ours)} == BLOCK_LINEARS
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert (ours(x) - theirs(x).logits).abs().max() < 1e-4
+    qlora = Transformer.from_pretrained(tmp_path / "base", quantize="nf4")
+    assert type(qlora.model.layers[0].self_attn.q_norm.weight) is nn.Parameter
+    apply_lora(qlora, r=4, alpha=8, target_modules="all-linear", use_dora=True, verbose=False)
+    qlora(x).logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in qlora.parameters() if p.requires_grad)
