@@ -10,6 +10,9 @@ r * (in + out) numbers instead of in * out. Merging folds the update into the we
 W' = W + scaling * B @ A, and costs nothing at inference. With QLoRA the frozen W is NF4
 (quant.py) and LoRA is unchanged: gradients flow through the dequantized W to x, never to W.
 
+DoRA, a variant that also trains a magnitude per output row, is in dora.py; the token
+embeddings can take LoRA too (LoRAEmbedding).
+
 On disk, an adapter is what PEFT writes, so PEFT, vLLM and llama.cpp's converter read ours and
 we read theirs: adapter_config.json and adapter_model.safetensors with keys like
 base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight.
@@ -153,78 +156,6 @@ class LoRALinear(LoRALayer):
         return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.weight.T, alpha=s).view(y.shape)
 
 
-class DoRALinear(LoRALinear):
-    """LoRALinear whose adapters may be DoRA ones (Liu et al. 2024, arXiv:2402.09353): the
-    weight is a magnitude m (out,) times a direction, and LoRA moves the direction:
-
-        W' = m * V / ||V||_row,   V = W + scaling * B @ A,   m starts at ||W||_row (so W' = W)
-
-    ||V||_row is treated as a constant in backward (the paper's sec. 4.3: it saves memory and
-    barely changes the result). A layer gets this class when its first DoRA adapter is added;
-    its plain LoRA adapters compute as in LoRALinear."""
-
-    def __init__(self, base):
-        super().__init__(base)
-        self.lora_magnitude_vector = nn.ParameterDict()  # adapter name -> m (out,)
-        self.merged_norm = None  # ||V||_row of the merged adapter, to unmerge with
-
-    @classmethod
-    def from_lora(cls, layer):
-        """The same base and LoRA adapters, able to hold DoRA ones too."""
-        dora = cls(layer.base)
-        dora.lora_A, dora.lora_B, dora.lora_dropout = layer.lora_A, layer.lora_B, layer.lora_dropout
-        dora.settings, dora.scaling, dora.active, dora.disabled = layer.settings, layer.scaling, layer.active, layer.disabled
-        return dora
-
-    def add_adapter(self, name, settings, dtype=torch.float32):
-        super().add_adapter(name, settings, dtype)
-        if settings.use_dora:
-            self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name, dtype))
-
-    def adapter_tensors(self, name):
-        tensors = super().adapter_tensors(name)
-        if name in self.lora_magnitude_vector:
-            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
-        return tensors
-
-    @torch.no_grad()  # a constant in backward
-    def weight_norm(self, name, dtype):
-        """||W + scaling * B @ A|| of each output row: (out,). An NF4 weight is dequantized for it:
-        a full-size temporary, and the time of one more dequantization, per layer and forward."""
-        return torch.linalg.norm(base_weight(self.base).to(dtype) + self.delta_weight(name).to(dtype), dim=1)
-
-    def forward(self, x):
-        name = self.active
-        if name not in self.lora_magnitude_vector or self.disabled or self.merged:
-            return super().forward(x)
-        A, B, s, dropout = self.lora_A[name], self.lora_B[name], self.scaling[name], self.lora_dropout[name]
-        y = self.base(x)  # (..., out)
-        x = x.to(A.weight.dtype)  # computed in the adapter's dtype, as the update of LoRALinear
-        g = self.lora_magnitude_vector[name] / self.weight_norm(name, x.dtype)  # m / ||V||, (out,)
-        # m V/||V|| x = g (W x + s B A x): added to y = W x + b as (g - 1) W x + g s B A x.
-        if self.training and not isinstance(dropout, nn.Identity):
-            # LoRA's dropout acts on x in both terms here, so W x is recomputed on dropout(x)
-            # (as PEFT does): one more matmul with W per layer while training with dropout.
-            x = dropout(x)
-            wx = nn.functional.linear(x, base_weight(self.base).to(x.dtype))
-        else:
-            wx = y.to(x.dtype) if self.base.bias is None else y.to(x.dtype) - self.base.bias.to(x.dtype)
-        return (y + (g - 1) * wx + g * s * B(A(x))).to(y.dtype)
-
-    def merged_weight(self, w, name):
-        if name not in self.lora_magnitude_vector:
-            return super().merged_weight(w, name)
-        v = w + self.delta_weight(name)
-        self.merged_norm = torch.linalg.norm(v, dim=1)  # of the unmerged V, as the forward takes it
-        return (self.lora_magnitude_vector[name].float() / self.merged_norm)[:, None] * v
-
-    def unmerged_weight(self, w, name):
-        if name not in self.lora_magnitude_vector:
-            return super().unmerged_weight(w, name)
-        g = self.lora_magnitude_vector[name].float() / self.merged_norm
-        return w / g[:, None] - self.delta_weight(name)
-
-
 class LoRAEmbedding(LoRALayer):
     """A frozen nn.Embedding (vocab, dim) plus adapters as PEFT makes them: the looked-up row of
     lora_embedding_A[name] (r, vocab), times lora_embedding_B[name] (dim, r), times scaling.
@@ -327,6 +258,8 @@ def add_adapter(model, names, adapter_name, settings, dtype):
     dtype: fp32 by default, whatever the model's: AdamW's update of a weight is often below
     bf16's resolution (8 bits of mantissa: a step under 1/256 of the value rounds away), and
     the adapter is small, so keeping it fp32 costs little (PEFT does the same, by default)."""
+    from dora import DoRALinear  # dora.py builds on this file's LoRALinear
+
     if adapter_settings(model, adapter_name) is not None:
         raise LoRAError(f"the model already has an adapter named {adapter_name!r}")
     if any(m.merged for _, m in lora_layers(model)):

@@ -586,7 +586,7 @@ def peft_dora_layer(base, r=4, alpha=8, dropout=0.0, bias=False):
 
 
 def our_copy_of(peft_layer, base, dropout=0.0):
-    from lora import DoRALinear
+    from dora import DoRALinear
 
     ours = DoRALinear(base)
     ours.add_adapter("default", AdapterSettings(r=4, alpha=8, dropout=dropout, use_dora=True))
@@ -626,7 +626,7 @@ def test_dora_layer_equals_peft(dropout, bias):
 def test_dora_by_hand_and_fresh_magnitude():
     # the paper's formula, written out: m * (W + sBA) / ||W + sBA||_row, plus bias (atol 1e-6);
     # a fresh DoRA adapter starts at m = ||W||_row and B = 0: the base layer exactly (bitwise in eval)
-    from lora import DoRALinear
+    from dora import DoRALinear
 
     base = nn.Linear(16, 24)
     layer = DoRALinear(base)
@@ -678,7 +678,7 @@ def test_dora_and_lora_adapters_switch_on_one_model(tmp_path):
     lora_out = model(x)
     apply_lora(model, r=4, alpha=8, use_dora=True, adapter_name="d", verbose=False)
     randomize_B(model, "d")
-    from lora import DoRALinear
+    from dora import DoRALinear
     assert isinstance(model.model.layers[0].self_attn.q_proj, DoRALinear)
     dora_out = model(x)
     save_adapter(model, tmp_path / "d", adapter_name="d")
