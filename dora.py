@@ -8,8 +8,8 @@ row) and lets LoRA move the direction:
     y = W' x + b = g * (W x + scaling * B A x) + b,        g = m / ||V||_row  (out,)
 
 ||V||_row is a constant in backward (the paper's sec. 4.3: less memory, about the same result).
-The forward adds to the base output y = W x + b the terms (g - 1) * W x + g * scaling * B A x,
-so W x is not computed twice, except under dropout (see forward).
+The forward takes W x from the base output y = W x + b, so W x is not computed twice, except
+under dropout (see forward).
 
 Cost against LoRA: each forward builds the full (out, in) matrix V to take its row norms (an NF4
 weight is dequantized for it once more); bench.py measures the time and memory. Merged, DoRA
@@ -69,15 +69,19 @@ class DoRALinear(LoRALinear):
         y = self.base(x)  # (..., out)
         x = x.to(A.weight.dtype)  # computed in the adapter's dtype, as the update of LoRALinear
         g = self.lora_magnitude_vector[name] / self.weight_norm(name, x.dtype)  # m / ||V||, (out,)
-        # m V/||V|| x = g (W x + s B A x): added to y = W x + b as (g - 1) W x + g s B A x.
+        # W' x + b = g * (W x + s B A x) + b. Written so, autograd keeps one (..., out) tensor
+        # for backward, the one g multiplies (PEFT's (g - 1) W x + g s B A x keeps two).
         if self.training and not isinstance(dropout, nn.Identity):
-            # LoRA's dropout acts on x in both terms here, so W x is recomputed on dropout(x)
-            # (as PEFT does): one more matmul with W per layer while training with dropout.
+            # LoRA's dropout acts on x in both terms here, so W x is recomputed on dropout(x),
+            # as PEFT does (one more matmul with W per layer); y's own W x is swapped for it.
             x = dropout(x)
             wx = nn.functional.linear(x, base_weight(self.base).to(x.dtype))
+            rest = y.to(x.dtype) - wx
         else:
-            wx = y.to(x.dtype) if self.base.bias is None else y.to(x.dtype) - self.base.bias.to(x.dtype)
-        return (y + (g - 1) * wx + g * s * B(A(x))).to(y.dtype)
+            bias = self.base.bias
+            rest = 0.0 if bias is None else bias.to(x.dtype)
+            wx = y.to(x.dtype) - rest
+        return (rest + g * (wx + s * B(A(x)))).to(y.dtype)
 
     def merged_weight(self, w, name):
         if name not in self.lora_magnitude_vector:

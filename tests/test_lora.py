@@ -601,8 +601,9 @@ def our_copy_of(peft_layer, base, dropout=0.0):
 @pytest.mark.parametrize("dropout, bias", [(0.0, True), (0.3, False)])
 def test_dora_layer_equals_peft(dropout, bias):
     # One layer, training mode: ours and PEFT's use_dora=True layer give the same output and the
-    # same gradients for x, A, B and the magnitude (fp32, atol 1e-6), with dropout too (PEFT then
-    # recomputes W x on the dropped input, and so do we: same seed, same masks)
+    # same gradients for x, A, B and the magnitude (fp32, atol 1e-6 + rtol 1e-5: the sums are
+    # grouped differently), with dropout too (PEFT then recomputes W x on the dropped input, and
+    # so do we: same seed, same masks)
     pytest.importorskip("peft", reason="peft is the reference for DoRA")
     base = nn.Linear(16, 24, bias=bias)
     theirs = peft_dora_layer(base, dropout=dropout).train()
@@ -613,14 +614,14 @@ def test_dora_layer_equals_peft(dropout, bias):
     out_theirs = theirs(x)
     torch.manual_seed(7)
     out_ours = ours(x)
-    assert (out_ours - out_theirs).abs().max() < 1e-6
+    assert torch.allclose(out_ours, out_theirs, atol=1e-6, rtol=1e-5)
     g = torch.randn_like(out_ours)
     ours_params = [ours.lora_A["default"].weight, ours.lora_B["default"].weight, ours.lora_magnitude_vector["default"]]
     theirs_params = [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight,
                      theirs.lora_magnitude_vector["default"].weight]
     for a, b in zip(torch.autograd.grad(out_ours, [x] + ours_params, g),
                     torch.autograd.grad(out_theirs, [x] + theirs_params, g)):
-        assert (a - b).abs().max() < 1e-6
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_dora_by_hand_and_fresh_magnitude():
