@@ -940,3 +940,26 @@ def test_qwen3_peft_adapter_loads_here_and_qlora_runs(tmp_path):
     apply_lora(qlora, r=4, alpha=8, target_modules="all-linear", use_dora=True, verbose=False)
     qlora(x).logsumexp(-1).mean().backward()
     assert all(p.grad is not None for p in qlora.parameters() if p.requires_grad)
+
+
+def test_dora_layer_on_a_bf16_base_equals_peft():
+    # a bf16 base with fp32 adapters (as get_peft_model and apply_lora make them): the same output
+    # as PEFT's DoRA layer, up to one bf16 rounding (rtol 1e-2), and gradients of A, B and m
+    # within 1e-2 relative to their largest entry
+    pytest.importorskip("peft", reason="peft is the reference for DoRA")
+    base = nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    theirs = peft_dora_layer(base)
+    for d in (theirs.lora_A, theirs.lora_B, theirs.lora_magnitude_vector):
+        d.float()
+    ours = our_copy_of(theirs, base)
+    assert ours.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    out_ours, out_theirs = ours(x), theirs(x)
+    assert out_ours.dtype == out_theirs.dtype == torch.bfloat16
+    assert torch.allclose(out_ours.float(), out_theirs.float(), rtol=1e-2, atol=1e-2)
+    g = torch.randn_like(out_ours)
+    ours_params = [ours.lora_A["default"].weight, ours.lora_B["default"].weight, ours.lora_magnitude_vector["default"]]
+    theirs_params = [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight,
+                     theirs.lora_magnitude_vector["default"].weight]
+    for a, b in zip(torch.autograd.grad(out_ours, ours_params, g), torch.autograd.grad(out_theirs, theirs_params, g)):
+        assert (a - b).abs().max() <= 1e-2 * b.abs().max()
