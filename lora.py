@@ -89,6 +89,10 @@ class LoRALayer(nn.Module):
         """{PEFT key suffix: parameter} of adapter `name`; save_adapter writes them, load copies into them."""
         raise NotImplementedError
 
+    def delta_weight(self, name):
+        """The update adapter `name` makes to the base weight, the weight's shape, in fp32."""
+        raise NotImplementedError
+
     def merged_weight(self, w, name):  # w: the base weight in fp32
         return w + self.delta_weight(name)
 
@@ -97,7 +101,7 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """W <- W + scaling * B @ A for the active adapter, computed in fp32 and rounded once."""
+        """W <- merged_weight(W) for the active adapter (W + delta_weight), in fp32, rounded once."""
         if hasattr(self.base, "to_linear"):  # quantized (quant.NF4Linear): W + BA is not NF4 any more
             self.base, self.merged_into_nf4 = self.base.to_linear(), True
         w = self.base.weight
@@ -167,9 +171,6 @@ class LoRAEmbedding(LoRALayer):
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
 
     def add_adapter(self, name, settings, dtype=torch.float32):
-        if settings.use_dora:
-            raise LoRAError("use_dora: DoRA on the token embeddings is not supported (only on linear "
-                            "layers); leave embed_tokens out of target_modules")
         super().add_adapter(name, settings, dtype)
         vocab, dim = self.base.weight.shape
         device = self.base.weight.device
@@ -227,9 +228,10 @@ def targetable_layers(model):
 
 def apply_lora(model, r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj"), use_rslora=False,
                use_dora=False, adapter_name="default", dtype=torch.float32, verbose=True):
-    """Add adapter `adapter_name` to the block linears whose name ends in one of target_modules
-    (or to all of them: "all-linear"), make it the active one and freeze everything else.
-    use_dora: DoRA adapters (DoRALinear). Call again with another adapter_name to add a second adapter."""
+    """Add adapter `adapter_name` to the layers whose name ends in one of target_modules (block
+    linears, lm_head, embed_tokens), or to every linear layer of the blocks ("all-linear"); make it
+    the active one and freeze everything else. use_dora: DoRA adapters (dora.py).
+    Call again with another adapter_name to add a second adapter."""
     if r < 1:
         raise LoRAError(f"LoRA rank r must be positive, not {r}")
     layers = targetable_layers(model)
@@ -240,7 +242,7 @@ def apply_lora(model, r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_p
         existing = sorted({n.rsplit(".", 1)[-1] for n in layers})
         unknown = sorted(targets - set(existing))
         if unknown:
-            raise LoRAError(f"target module {unknown[0]!r} matches no layer; the model's linear layers are: "
+            raise LoRAError(f"target module {unknown[0]!r} matches no layer; the layers LoRA can adapt are: "
                             f"{', '.join(existing)} (or all-linear)")
         names = [n for n in layers if n.rsplit(".", 1)[-1] in targets]
     add_adapter(model, names, adapter_name, AdapterSettings(r, alpha, dropout, use_rslora, use_dora), dtype)
@@ -264,6 +266,9 @@ def add_adapter(model, names, adapter_name, settings, dtype):
         raise LoRAError(f"the model already has an adapter named {adapter_name!r}")
     if any(m.merged for _, m in lora_layers(model)):
         raise LoRAError(f"cannot add adapter {adapter_name!r} while another is merged; unmerge_lora first")
+    if settings.use_dora and "model.embed_tokens" in names:
+        raise LoRAError("use_dora: DoRA on the token embeddings is not supported (only on linear "
+                        "layers); leave embed_tokens out of target_modules")
     for name in names:
         layer = model.get_submodule(name)
         if isinstance(layer, (nn.Embedding, LoRAEmbedding)):

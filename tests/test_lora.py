@@ -912,8 +912,10 @@ def test_train_py_use_dora_trains_and_saves_a_dora_adapter(tiny_checkpoint, tmp_
     assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
     keys = set(load_file(out / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in keys
+    model = tiny()
     with pytest.raises(LoRAError, match="use_dora: DoRA on the token embeddings is not supported"):
-        apply_lora(tiny(), target_modules=["embed_tokens"], use_dora=True, verbose=False)
+        apply_lora(model, target_modules=["embed_tokens", "q_proj"], use_dora=True, verbose=False)
+    assert not lora_layers(model)  # refused before anything changed
 
 
 def test_qwen3_peft_adapter_loads_here_and_qlora_runs(tmp_path):
