@@ -372,8 +372,8 @@ def merge_and_unload(model):
 
 def save_adapter(model, path, adapter_name="default", base_model_name_or_path=None):
     """Write adapter_config.json + adapter_model.safetensors (the adapter's tensors only, never
-    base weights) into `path`. Both are written in a temporary folder beside them, then moved into place:
-    a crash never leaves half a file, and the config lands last, after its weights."""
+    base weights) into `path`. Both are written in a temporary folder beside them, then moved
+    into place: a crash never leaves half a file, and the config lands last, after its weights."""
     from safetensors.torch import save_file
 
     settings = adapter_settings(model, adapter_name)
@@ -389,7 +389,8 @@ def save_adapter(model, path, adapter_name="default", base_model_name_or_path=No
                   revision=None, r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                   use_rslora=settings.use_rslora, target_modules=sorted(targets), bias="none",
                   fan_in_fan_out=False, init_lora_weights=True, inference_mode=True, modules_to_save=None,
-                  use_dora=settings.use_dora, layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={})
+                  use_dora=settings.use_dora, layers_to_transform=None, layers_pattern=None, rank_pattern={},
+                  alpha_pattern={})
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=path))
@@ -452,11 +453,12 @@ def match_adapter(model, path, config, tensors):
     weights_file = Path(path) / WEIGHTS_FILE
     targetable, layers = targetable_layers(model), {}
     for key, t in tensors.items():
-        name, _, suffix = key[len(PEFT_PREFIX):].partition(".lora_")
-        suffix = "lora_" + suffix
-        if key.endswith(".base_layer.weight") and key[len(PEFT_PREFIX):-len(".base_layer.weight")] in ("lm_head", "model.embed_tokens"):
+        rest = key.removeprefix(PEFT_PREFIX)
+        if rest in ("lm_head.base_layer.weight", "model.embed_tokens.base_layer.weight"):
             check_saved_base(model, weights_file, key, t)
             continue
+        name, _, suffix = rest.partition(".lora_")  # "model.layers.0.self_attn.q_proj", "A.weight"
+        suffix = "lora_" + suffix
         if not key.startswith(PEFT_PREFIX) or name not in targetable:
             raise LoRAError(f"{weights_file}: unexpected tensor {key}: this model has no layer {name} that LoRA "
                             "can adapt (an adapter for another base?)")
@@ -480,7 +482,7 @@ def match_adapter(model, path, config, tensors):
 def check_saved_base(model, weights_file, key, t):
     """PEFT saves the base lm_head or embeddings beside an adapter of them (for vocabularies
     resized before training) and loads it over the model's: accepted only when it is this model's own."""
-    name = key[len(PEFT_PREFIX):-len(".base_layer.weight")]
+    name = key.removeprefix(PEFT_PREFIX).removesuffix(".base_layer.weight")
     w = model.get_submodule(name).weight
     if t.shape != w.shape or not torch.equal(t.to(w.device, w.dtype), w):
         raise LoRAError(f"{weights_file}: {key} differs from this model's {name} (a resized vocabulary, "

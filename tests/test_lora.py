@@ -662,7 +662,8 @@ def test_dora_trains_A_B_and_magnitude_merges_and_unmerges():
     with torch.no_grad():
         out = model(x)
         merge_lora(model)
-        assert torch.allclose(layer.base.weight, layer.lora_magnitude_vector["default"][:, None] * V / V.norm(dim=1, keepdim=True), atol=1e-6)
+        m = layer.lora_magnitude_vector["default"]
+        assert torch.allclose(layer.base.weight, m[:, None] * V / V.norm(dim=1, keepdim=True), atol=1e-6)
         assert (model(x) - out).abs().max() < 1e-5
         unmerge_lora(model)
         assert torch.allclose(layer.base.weight, W, atol=1e-6)
