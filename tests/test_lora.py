@@ -966,3 +966,40 @@ def test_dora_layer_on_a_bf16_base_equals_peft():
                      theirs.lora_magnitude_vector["default"].weight]
     for a, b in zip(torch.autograd.grad(out_ours, ours_params, g), torch.autograd.grad(out_theirs, theirs_params, g)):
         assert (a - b).abs().max() <= 1e-2 * b.abs().max()
+
+
+def test_qlora_dora_layer_equals_peft_on_bitsandbytes_nf4():
+    # QLoRA-DoRA: our DoRALinear over quant.NF4Linear against PEFT's DoRA over bitsandbytes'
+    # Linear4bit (NF4, double quantization, fp32 compute) made from the same weight: the same
+    # output and gradients of A, B and m (atol 1e-5): both take the norm of the dequantized weight
+    pytest.importorskip("peft", reason="peft is the reference for DoRA")
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    import quant
+    from dora import DoRALinear
+
+    lin = nn.Linear(64, 48)
+    q = bnb.nn.Linear4bit(64, 48, bias=True, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    q = q.to("cpu")  # quantizes
+    config = LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False)
+    theirs = PeftLinear4bit(q, "default", config=config, r=4, lora_alpha=8, use_dora=True, init_lora_weights=False)
+    ours = DoRALinear(quant.NF4Linear.from_linear(lin))
+    ours.add_adapter("default", AdapterSettings(r=4, alpha=8, use_dora=True))
+    ours.active = "default"
+    pairs = [(ours.lora_A["default"].weight, theirs.lora_A["default"].weight),
+             (ours.lora_B["default"].weight, theirs.lora_B["default"].weight),
+             (ours.lora_magnitude_vector["default"], theirs.lora_magnitude_vector["default"].weight)]
+    with torch.no_grad():
+        for a, b in pairs:
+            a.copy_(b)
+    x = torch.randn(3, 64)
+    out_ours, out_theirs = ours(x), theirs(x)
+    assert (out_ours - out_theirs).abs().max() < 1e-5
+    g = torch.randn_like(out_ours)
+    for a, b in zip(torch.autograd.grad(out_ours, [a for a, _ in pairs], g),
+                    torch.autograd.grad(out_theirs, [b for _, b in pairs], g)):
+        assert (a - b).abs().max() < 1e-5
