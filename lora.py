@@ -10,6 +10,9 @@ r * (in + out) numbers instead of in * out. Merging folds the update into the we
 W' = W + scaling * B @ A, and costs nothing at inference. With QLoRA the frozen W is NF4
 (quant.py) and LoRA is unchanged: gradients flow through the dequantized W to x, never to W.
 
+DoRA, a variant that also trains a magnitude per output row, is in dora.py; the token
+embeddings can take LoRA too (LoRAEmbedding).
+
 On disk, an adapter is what PEFT writes, so PEFT, vLLM and llama.cpp's converter read ours and
 we read theirs: adapter_config.json and adapter_model.safetensors with keys like
 base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight.
@@ -86,6 +89,10 @@ class LoRALayer(nn.Module):
         """{PEFT key suffix: parameter} of adapter `name`; save_adapter writes them, load copies into them."""
         raise NotImplementedError
 
+    def delta_weight(self, name):
+        """The update adapter `name` makes to the base weight, the weight's shape, in fp32."""
+        raise NotImplementedError
+
     def merged_weight(self, w, name):  # w: the base weight in fp32
         return w + self.delta_weight(name)
 
@@ -94,7 +101,7 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """W <- W + scaling * B @ A for the active adapter, computed in fp32 and rounded once."""
+        """W <- merged_weight(W) for the active adapter (W + delta_weight), in fp32, rounded once."""
         if hasattr(self.base, "to_linear"):  # quantized (quant.NF4Linear): W + BA is not NF4 any more
             self.base, self.merged_into_nf4 = self.base.to_linear(), True
         w = self.base.weight
@@ -153,78 +160,6 @@ class LoRALinear(LoRALayer):
         return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.weight.T, alpha=s).view(y.shape)
 
 
-class DoRALinear(LoRALinear):
-    """LoRALinear whose adapters may be DoRA ones (Liu et al. 2024, arXiv:2402.09353): the
-    weight is a magnitude m (out,) times a direction, and LoRA moves the direction:
-
-        W' = m * V / ||V||_row,   V = W + scaling * B @ A,   m starts at ||W||_row (so W' = W)
-
-    ||V||_row is treated as a constant in backward (the paper's sec. 4.3: it saves memory and
-    barely changes the result). A layer gets this class when its first DoRA adapter is added;
-    its plain LoRA adapters compute as in LoRALinear."""
-
-    def __init__(self, base):
-        super().__init__(base)
-        self.lora_magnitude_vector = nn.ParameterDict()  # adapter name -> m (out,)
-        self.merged_norm = None  # ||V||_row of the merged adapter, to unmerge with
-
-    @classmethod
-    def from_lora(cls, layer):
-        """The same base and LoRA adapters, able to hold DoRA ones too."""
-        dora = cls(layer.base)
-        dora.lora_A, dora.lora_B, dora.lora_dropout = layer.lora_A, layer.lora_B, layer.lora_dropout
-        dora.settings, dora.scaling, dora.active, dora.disabled = layer.settings, layer.scaling, layer.active, layer.disabled
-        return dora
-
-    def add_adapter(self, name, settings, dtype=torch.float32):
-        super().add_adapter(name, settings, dtype)
-        if settings.use_dora:
-            self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name, dtype))
-
-    def adapter_tensors(self, name):
-        tensors = super().adapter_tensors(name)
-        if name in self.lora_magnitude_vector:
-            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
-        return tensors
-
-    @torch.no_grad()  # a constant in backward
-    def weight_norm(self, name, dtype):
-        """||W + scaling * B @ A|| of each output row: (out,). An NF4 weight is dequantized for it:
-        a full-size temporary, and the time of one more dequantization, per layer and forward."""
-        return torch.linalg.norm(base_weight(self.base).to(dtype) + self.delta_weight(name).to(dtype), dim=1)
-
-    def forward(self, x):
-        name = self.active
-        if name not in self.lora_magnitude_vector or self.disabled or self.merged:
-            return super().forward(x)
-        A, B, s, dropout = self.lora_A[name], self.lora_B[name], self.scaling[name], self.lora_dropout[name]
-        y = self.base(x)  # (..., out)
-        x = x.to(A.weight.dtype)  # computed in the adapter's dtype, as the update of LoRALinear
-        g = self.lora_magnitude_vector[name] / self.weight_norm(name, x.dtype)  # m / ||V||, (out,)
-        # m V/||V|| x = g (W x + s B A x): added to y = W x + b as (g - 1) W x + g s B A x.
-        if self.training and not isinstance(dropout, nn.Identity):
-            # LoRA's dropout acts on x in both terms here, so W x is recomputed on dropout(x)
-            # (as PEFT does): one more matmul with W per layer while training with dropout.
-            x = dropout(x)
-            wx = nn.functional.linear(x, base_weight(self.base).to(x.dtype))
-        else:
-            wx = y.to(x.dtype) if self.base.bias is None else y.to(x.dtype) - self.base.bias.to(x.dtype)
-        return (y + (g - 1) * wx + g * s * B(A(x))).to(y.dtype)
-
-    def merged_weight(self, w, name):
-        if name not in self.lora_magnitude_vector:
-            return super().merged_weight(w, name)
-        v = w + self.delta_weight(name)
-        self.merged_norm = torch.linalg.norm(v, dim=1)  # of the unmerged V, as the forward takes it
-        return (self.lora_magnitude_vector[name].float() / self.merged_norm)[:, None] * v
-
-    def unmerged_weight(self, w, name):
-        if name not in self.lora_magnitude_vector:
-            return super().unmerged_weight(w, name)
-        g = self.lora_magnitude_vector[name].float() / self.merged_norm
-        return w / g[:, None] - self.delta_weight(name)
-
-
 class LoRAEmbedding(LoRALayer):
     """A frozen nn.Embedding (vocab, dim) plus adapters as PEFT makes them: the looked-up row of
     lora_embedding_A[name] (r, vocab), times lora_embedding_B[name] (dim, r), times scaling.
@@ -236,8 +171,6 @@ class LoRAEmbedding(LoRALayer):
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
 
     def add_adapter(self, name, settings, dtype=torch.float32):
-        if settings.use_dora:
-            raise LoRAError("DoRA on the embeddings is not supported (LoRA is)")
         super().add_adapter(name, settings, dtype)
         vocab, dim = self.base.weight.shape
         device = self.base.weight.device
@@ -295,9 +228,10 @@ def targetable_layers(model):
 
 def apply_lora(model, r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj"), use_rslora=False,
                use_dora=False, adapter_name="default", dtype=torch.float32, verbose=True):
-    """Add adapter `adapter_name` to the block linears whose name ends in one of target_modules
-    (or to all of them: "all-linear"), make it the active one and freeze everything else.
-    use_dora: DoRA adapters (DoRALinear). Call again with another adapter_name to add a second adapter."""
+    """Add adapter `adapter_name` to the layers whose name ends in one of target_modules (block
+    linears, lm_head, embed_tokens), or to every linear layer of the blocks ("all-linear"); make it
+    the active one and freeze everything else. use_dora: DoRA adapters (dora.py).
+    Call again with another adapter_name to add a second adapter."""
     if r < 1:
         raise LoRAError(f"LoRA rank r must be positive, not {r}")
     layers = targetable_layers(model)
@@ -308,7 +242,7 @@ def apply_lora(model, r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_p
         existing = sorted({n.rsplit(".", 1)[-1] for n in layers})
         unknown = sorted(targets - set(existing))
         if unknown:
-            raise LoRAError(f"target module {unknown[0]!r} matches no layer; the model's linear layers are: "
+            raise LoRAError(f"target module {unknown[0]!r} matches no layer; the layers LoRA can adapt are: "
                             f"{', '.join(existing)} (or all-linear)")
         names = [n for n in layers if n.rsplit(".", 1)[-1] in targets]
     add_adapter(model, names, adapter_name, AdapterSettings(r, alpha, dropout, use_rslora, use_dora), dtype)
@@ -326,10 +260,15 @@ def add_adapter(model, names, adapter_name, settings, dtype):
     dtype: fp32 by default, whatever the model's: AdamW's update of a weight is often below
     bf16's resolution (8 bits of mantissa: a step under 1/256 of the value rounds away), and
     the adapter is small, so keeping it fp32 costs little (PEFT does the same, by default)."""
+    from dora import DoRALinear  # dora.py builds on this file's LoRALinear
+
     if adapter_settings(model, adapter_name) is not None:
         raise LoRAError(f"the model already has an adapter named {adapter_name!r}")
     if any(m.merged for _, m in lora_layers(model)):
         raise LoRAError(f"cannot add adapter {adapter_name!r} while another is merged; unmerge_lora first")
+    if settings.use_dora and "model.embed_tokens" in names:
+        raise LoRAError("use_dora: DoRA on the token embeddings is not supported (only on linear "
+                        "layers); leave embed_tokens out of target_modules")
     for name in names:
         layer = model.get_submodule(name)
         if isinstance(layer, (nn.Embedding, LoRAEmbedding)):
@@ -433,8 +372,8 @@ def merge_and_unload(model):
 
 def save_adapter(model, path, adapter_name="default", base_model_name_or_path=None):
     """Write adapter_config.json + adapter_model.safetensors (the adapter's tensors only, never
-    base weights) into `path`. Both are written in a temporary folder beside them, then moved into place:
-    a crash never leaves half a file, and the config lands last, after its weights."""
+    base weights) into `path`. Both are written in a temporary folder beside them, then moved
+    into place: a crash never leaves half a file, and the config lands last, after its weights."""
     from safetensors.torch import save_file
 
     settings = adapter_settings(model, adapter_name)
@@ -450,7 +389,8 @@ def save_adapter(model, path, adapter_name="default", base_model_name_or_path=No
                   revision=None, r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                   use_rslora=settings.use_rslora, target_modules=sorted(targets), bias="none",
                   fan_in_fan_out=False, init_lora_weights=True, inference_mode=True, modules_to_save=None,
-                  use_dora=settings.use_dora, layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={})
+                  use_dora=settings.use_dora, layers_to_transform=None, layers_pattern=None, rank_pattern={},
+                  alpha_pattern={})
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=path))
@@ -513,11 +453,12 @@ def match_adapter(model, path, config, tensors):
     weights_file = Path(path) / WEIGHTS_FILE
     targetable, layers = targetable_layers(model), {}
     for key, t in tensors.items():
-        name, _, suffix = key[len(PEFT_PREFIX):].partition(".lora_")
-        suffix = "lora_" + suffix
-        if key.endswith(".base_layer.weight") and key[len(PEFT_PREFIX):-len(".base_layer.weight")] in ("lm_head", "model.embed_tokens"):
+        rest = key.removeprefix(PEFT_PREFIX)
+        if rest in ("lm_head.base_layer.weight", "model.embed_tokens.base_layer.weight"):
             check_saved_base(model, weights_file, key, t)
             continue
+        name, _, suffix = rest.partition(".lora_")  # "model.layers.0.self_attn.q_proj", "A.weight"
+        suffix = "lora_" + suffix
         if not key.startswith(PEFT_PREFIX) or name not in targetable:
             raise LoRAError(f"{weights_file}: unexpected tensor {key}: this model has no layer {name} that LoRA "
                             "can adapt (an adapter for another base?)")
@@ -541,7 +482,7 @@ def match_adapter(model, path, config, tensors):
 def check_saved_base(model, weights_file, key, t):
     """PEFT saves the base lm_head or embeddings beside an adapter of them (for vocabularies
     resized before training) and loads it over the model's: accepted only when it is this model's own."""
-    name = key[len(PEFT_PREFIX):-len(".base_layer.weight")]
+    name = key.removeprefix(PEFT_PREFIX).removesuffix(".base_layer.weight")
     w = model.get_submodule(name).weight
     if t.shape != w.shape or not torch.equal(t.to(w.device, w.dtype), w):
         raise LoRAError(f"{weights_file}: {key} differs from this model's {name} (a resized vocabulary, "

@@ -2,10 +2,11 @@
 
     python merge.py --model_path BASE --adapter_path out/lora --output_dir out/merged
 
-Each targeted weight becomes W + scaling * B @ A, in the base's own dtype. An adapter trained with
-QLoRA is merged into the original full-precision weights read from BASE (not into the NF4 ones,
-which would bake 4-bit rounding into every weight). An adapter of an lm_head that the base ties
-to its embeddings unties them: lm_head.weight is written and the embeddings are kept.
+Each targeted weight becomes W + scaling * B @ A (DoRA: m * V / ||V||_row, V = W + scaling * B @ A),
+in the base's own dtype; an adapter of the embeddings merges into the embedding table. An
+adapter trained with QLoRA is merged into the original full-precision weights read from BASE
+(not into the NF4 ones, which would bake 4-bit rounding into every weight). An adapter of an lm_head or embedding table
+that the base ties together unties them: lm_head.weight is written, and the one not adapted is kept.
 config.json (tie_word_embeddings: false then), tokenizer and generation files are copied;
 weights are written as safetensors, sharded with an index past --max_shard_size.
 """

@@ -1,8 +1,9 @@
 """A Llama-family transformer, built from a Hugging Face checkpoint folder.
 
-Covers Llama 2/3.x, TinyLlama, SmolLM2, Mistral and Qwen2/2.5: they share one architecture
-(pre-norm RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP) and differ in a few
-config fields, all read into `Config`. Module names mirror the checkpoint's keys
+Covers Llama 2/3.x, TinyLlama, SmolLM2, Mistral, Qwen2/2.5 and Qwen3 (dense): they share one
+architecture (pre-norm RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP) and
+differ in a few config fields, all read into `Config` (Qwen3 adds an RMSNorm on each head's
+query and key, `qk_norm`). Module names mirror the checkpoint's keys
 (model.layers.N.self_attn.q_proj.weight, ...) so weights load with no renaming and LoRA target
 names and PEFT keys map one to one.
 
@@ -95,15 +96,18 @@ class Config:
     attention_bias: bool = False  # bias on q/k/v/o (Qwen2: q/k/v only, see __post_init__)
     mlp_bias: bool = False
     qkv_bias: bool = None  # None: attention_bias (Qwen2: always True, with no o_proj bias)
+    qk_norm: bool = None  # RMSNorm on each head's query and key before RoPE; None: Qwen3 only
 
     def __post_init__(self):
-        if self.model_type not in ("llama", "mistral", "qwen2"):
+        if self.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
             raise CheckpointError(f"model_type {self.model_type!r} is not supported "
-                                  "(supported: llama, mistral, qwen2)")
+                                  "(supported: llama, mistral, qwen2, qwen3)")
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.qkv_bias is None:
             self.qkv_bias = self.attention_bias or self.model_type == "qwen2"
+        if self.qk_norm is None:
+            self.qk_norm = self.model_type == "qwen3"
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
@@ -203,12 +207,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
+        # Qwen3: an RMSNorm over each head's query and key (head_dim wide), shared by all heads
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else nn.Identity()
         self.kv_cache = None
 
     def forward(self, x, cos, sin, mask, start):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:

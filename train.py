@@ -54,7 +54,8 @@ class TrainConfig:
     lora_alpha: float = flag(32.0, "scaling = alpha / r (usually alpha = 2r)")
     lora_dropout: float = flag(0.05, "dropout on the adapter's input")
     use_rslora: bool = flag(False, "scaling = alpha / sqrt(r)")
-    target_modules: str = flag("all-linear", "all-linear (the blocks' linears) or q_proj,v_proj,... (lm_head too)")
+    use_dora: bool = flag(False, "DoRA: a trained magnitude per output row times LoRA's direction")
+    target_modules: str = flag("all-linear", "all-linear (the blocks' linears) or q_proj,v_proj,... (lm_head, embed_tokens too)")
     load_in_4bit: bool = flag(False, "QLoRA: NF4-quantize the frozen base")
     # the schedule
     num_epochs: int = flag(5, "passes over the training rows")
@@ -351,7 +352,7 @@ def build_model(cfg, path, device, world, verbose):
         model.split_layers([torch.device("cuda", i) for i in range(torch.cuda.device_count())])
     targets = "all-linear" if cfg.target_modules == "all-linear" else [t.strip() for t in cfg.target_modules.split(",")]
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
-               use_rslora=cfg.use_rslora, verbose=verbose)
+               use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, verbose=verbose)
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     return model.train()
 

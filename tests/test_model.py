@@ -23,6 +23,9 @@ FAMILIES = {
                     tie_word_embeddings=True, rope_theta=100000.0),
     "mistral": dict(model_type="mistral", head_dim=32, sliding_window=4096),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0),
+    # Qwen3: q_norm/k_norm, head_dim set apart from hidden_size / heads (as 0.6B's 128 vs 1024/16)
+    "qwen3": dict(model_type="qwen3", head_dim=24, tie_word_embeddings=True, rope_theta=1000000.0),
+    "qwen3-untied": dict(model_type="qwen3", head_dim=32, num_key_value_heads=1, tie_word_embeddings=False),
 }
 
 
@@ -31,7 +34,8 @@ def hf_model(family):
     transformers = pytest.importorskip("transformers")
     kw = dict(FAMILIES[family])
     ours = tiny_config(**{k: v for k, v in kw.items() if k != "sliding_window"})
-    cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}[kw.pop("model_type")]
+    cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+           "qwen3": "Qwen3Config"}[kw.pop("model_type")]
     d = dict(vocab_size=ours.vocab_size, hidden_size=ours.hidden_size, intermediate_size=ours.intermediate_size,
              num_hidden_layers=ours.num_hidden_layers, num_attention_heads=ours.num_attention_heads,
              num_key_value_heads=ours.num_key_value_heads, max_position_embeddings=ours.max_position_embeddings,
@@ -307,3 +311,19 @@ def test_doc_ids_keep_packed_examples_apart():
         out = model(packed, position_ids=pos, doc_ids=doc)
         assert torch.allclose(out[:, :5], model(a), atol=1e-5)
         assert torch.allclose(out[:, 5:], model(b), atol=1e-5)
+
+
+def test_qwen3_config_spellings_agree():
+    # Qwen3-0.6B's config.json as published (rope_theta, rope_scaling: null, head_dim 128 where
+    # hidden_size / heads is 64), and the same config as transformers 5 writes it (rope_parameters)
+    hub = dict(architectures=["Qwen3ForCausalLM"], attention_bias=False, head_dim=128, hidden_size=1024,
+               intermediate_size=3072, max_position_embeddings=40960, max_window_layers=28, model_type="qwen3",
+               num_attention_heads=16, num_hidden_layers=28, num_key_value_heads=8, rms_norm_eps=1e-06,
+               rope_scaling=None, rope_theta=1000000, sliding_window=None, tie_word_embeddings=True,
+               use_sliding_window=False, vocab_size=151936)
+    ours = Config.from_dict(hub)
+    assert ours.head_dim == 128 and ours.qk_norm and not ours.qkv_bias and ours.rope_scaling is None
+    transformers = pytest.importorskip("transformers")
+    written = transformers.Qwen3Config(**{k: v for k, v in hub.items() if k not in ("architectures", "model_type")})
+    assert "rope_parameters" in written.to_dict()
+    assert Config.from_dict(written.to_dict()) == ours
