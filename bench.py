@@ -2,7 +2,8 @@
 
     python bench.py                                  # CPU, SmolLM2-135M-Instruct, every measure
     python bench.py --only generate,quantize         # some of: machine generate quantize train
-    python bench.py --device cuda --config_json llama3-8b.json   # random weights of any shape
+    python bench.py --only dora                      # DoRA against LoRA and PEFT's DoRA (not by default)
+    python bench.py --device cuda --config_json configs/llama3-8b.json   # random weights of a shape
 
 Machines are noisy: every figure that matters is printed as a ratio against the reference
 measured in the same run, alternating runs. Training runs each in a fresh process so that its
@@ -17,9 +18,9 @@ import time
 
 import torch
 
-from model import Config, Transformer, resolve_checkpoint
-
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from data import IGNORE
+from hub import DEFAULT_MODEL, resolve_checkpoint
+from model import Config, Transformer, default_device, default_dtype
 
 
 def sync(device):
@@ -161,21 +162,22 @@ def train_worker(args):
     """One training configuration in this process; prints a JSON line with its figures."""
     torch.manual_seed(0)
     cuda = torch.device(args.device).type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = default_dtype(args.device)
     B, T = args.micro_batch_size, args.seq_len
     if args.impl == "ours":
         from lora import apply_lora
-        from train import CausalLMLoss
+        from loss import CausalLMLoss
 
         model = our_model(args, dtype, quantize="nf4" if args.qlora else None)
-        apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0, target_modules="all-linear", verbose=False)
-        model.gradient_checkpointing = args.gradient_checkpointing
-        loss_fn = CausalLMLoss(model).train()
+        apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0, target_modules="all-linear",
+                   use_dora=args.dora, verbose=False)
+        model.enable_gradient_checkpointing(args.gradient_checkpointing)
+        loss_fn = CausalLMLoss(model, fused=True).train()
         vocab = model.config.vocab_size
 
         def loss_of(ids):
-            targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
-            return loss_fn(ids, targets, None, None) / (targets != -100).sum()
+            targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE)], 1)
+            return loss_fn(ids, targets, None, None) / (targets != IGNORE).sum()
     else:
         import peft
         import transformers
@@ -194,7 +196,8 @@ def train_worker(args):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                                            target_modules="all-linear", task_type="CAUSAL_LM")).train()
+                                                            target_modules="all-linear", task_type="CAUSAL_LM",
+                                                            use_dora=args.dora)).train()
         vocab = model.config.vocab_size
 
         def loss_of(ids):
@@ -251,6 +254,43 @@ def lora_train_flops_per_token(config, seq_len, r):
     return 4 * frozen + 6 * lora + 3 * attention - first_qkv_input_grad
 
 
+def worker_command(args):
+    """The command line of one train_worker process with this run's shape (--impl etc. to add)."""
+    cmd = [sys.executable, __file__, "--worker", "--device", args.device, "--steps", str(args.steps),
+           "--seq_len", str(args.seq_len), "--micro_batch_size", str(args.micro_batch_size), "--lora_r", str(args.lora_r)]
+    cmd += ["--config_json", args.config_json] if args.config_json else ["--model_path", args.model_path]
+    return cmd + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+
+
+def bench_dora(args):
+    """A DoRA training step against a LoRA one (ours), and against PEFT's DoRA, alternating fresh
+    processes in one run; each keeps its best speed and lowest peak memory."""
+    runs = {"ours LoRA": ["--impl", "ours"], "ours DoRA": ["--impl", "ours", "--dora"]}
+    try:
+        import peft  # noqa: F401
+        runs["peft DoRA"] = ["--impl", "transformers", "--dora"]
+    except ImportError:
+        print("peft is not installed: no PEFT DoRA figures", file=sys.stderr)
+    best = {}
+    for _ in range(args.repeat):
+        for name, flags in runs.items():
+            r = subprocess.run(worker_command(args) + flags, capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f"bench.py: {name} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            old = best.get(name, {"tok_s": 0, "peak_bytes": float("inf")})
+            best[name] = {"tok_s": max(res["tok_s"], old["tok_s"]), "peak_bytes": min(res["peak_bytes"], old["peak_bytes"])}
+    mem = "max allocated" if torch.device(args.device).type == "cuda" else "peak RSS"
+    print(f"train DoRA: r={args.lora_r} all-linear, seq {args.seq_len}, micro batch {args.micro_batch_size}")
+    for name, res in best.items():
+        print(f"  {name:10s} {res['tok_s']:8.0f} tok/s  {res['peak_bytes'] / 2**20:8.0f} MiB {mem}")
+    d, lo = best["ours DoRA"], best["ours LoRA"]
+    print(f"  ours DoRA / ours LoRA: {d['tok_s'] / lo['tok_s']:.2f}x tokens/s, {d['peak_bytes'] / lo['peak_bytes']:.2f}x peak memory")
+    if "peft DoRA" in best:
+        p = best["peft DoRA"]
+        print(f"  ours DoRA / peft DoRA: {d['tok_s'] / p['tok_s']:.2f}x tokens/s, {d['peak_bytes'] / p['peak_bytes']:.2f}x peak memory")
+
+
 def bench_train(args, flops):
     config = Config.from_dict(json.load(open(args.config_json))) if args.config_json else \
         Config.from_json(resolve_checkpoint(args.model_path) / "config.json")
@@ -261,11 +301,7 @@ def bench_train(args, flops):
         impls.append("transformers+peft")
     except ImportError:
         print("transformers/peft are not installed: no reference figures", file=sys.stderr)
-    base = [sys.executable, __file__, "--worker", "--device", args.device, "--steps", str(args.steps),
-            "--seq_len", str(args.seq_len), "--micro_batch_size", str(args.micro_batch_size), "--lora_r", str(args.lora_r)]
-    base += ["--config_json", args.config_json] if args.config_json else ["--model_path", args.model_path]
-    if args.gradient_checkpointing:
-        base.append("--gradient_checkpointing")
+    base = worker_command(args)
     per_token = lora_train_flops_per_token(config, args.seq_len, args.lora_r)
     for qlora in (False, True):
         results, failed = {}, set()
@@ -304,7 +340,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", default=DEFAULT_MODEL)
     p.add_argument("--config_json", help="random weights of this config.json's shape instead of a checkpoint")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--only", default="machine,generate,quantize,train")
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--seq_len", type=int, default=256)
@@ -316,6 +352,7 @@ def main():
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--qlora", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dora", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return train_worker(args)
@@ -326,13 +363,15 @@ def main():
     flops, bandwidth = machine(args.device) if only & {"machine", "generate", "train"} else (None, None)
     if "machine" in only:
         print(f"machine: matmul {flops / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtype = default_dtype(args.device)
     if "generate" in only:
         bench_generate(args, dtype, bandwidth)
     if "quantize" in only:
         bench_quantize(args)
     if "train" in only:
         bench_train(args, flops)
+    if "dora" in only:
+        bench_dora(args)
 
 
 if __name__ == "__main__":

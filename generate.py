@@ -3,20 +3,27 @@
     python generate.py --prompt "What is the capital of France?"          # chat, greedy
     python generate.py --no_chat --prompt "The capital of France is"      # raw completion
     python generate.py --adapter_path out/lora                            # with a trained adapter
+    python generate.py --adapter_path a=out/a --adapter_path b=out/b      # several, the first active
     python generate.py                                                    # interactive chat on stdin
 
-Only the generated text goes to stdout (streamed as it arrives); timings go to stderr.
+With --prompt only the generated text goes to stdout (streamed as it arrives); timings and
+notes go to stderr. In the chat, /help lists the commands: switch adapter, the base model,
+the same prompt answered by each. Ctrl-C ends the reply in progress; at the prompt, or a
+second time, it leaves (an interrupted --prompt exits with 130, as the shell does).
 """
 import argparse
+import signal
 import sys
 import time
+from contextlib import contextmanager, nullcontext
+from itertools import takewhile
 
 import torch
 
-from model import InputError, Transformer, resolve_checkpoint
+from hub import DEFAULT_MODEL, resolve_checkpoint, same_checkpoint
+from lora import check_adapter_folder, disable_adapters, load_adapter, set_adapter
+from model import InputError, Transformer, default_device, default_dtype, exit_on_input_error
 from tokenizer import TEMPLATES, Tokenizer
-
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -90,16 +97,23 @@ def stream_text(tokenizer, tokens, eos_ids, out=sys.stdout):
 
 
 def load(model_path, adapters=(), load_in_4bit=False, device=None, dtype=None, chat_template=None):
-    """Model and tokenizer, with named adapters loaded ({name: path}); the first is active."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    """Model and tokenizer, with named adapters loaded ({name: path}); the first is active.
+    Every path is checked before the model loads, which takes a while (or a download)."""
+    adapters = dict(adapters)
+    for adapter_path in adapters.values():
+        check_adapter_folder(adapter_path)
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
     path = resolve_checkpoint(model_path)
     tokenizer = Tokenizer(path, template=chat_template)
     model = Transformer.from_pretrained(path, dtype=dtype, device=device, quantize="nf4" if load_in_4bit else None)
+    for name, adapter_path in adapters.items():
+        base = load_adapter(model, adapter_path, adapter_name=name).get("base_model_name_or_path")
+        # same shapes load, so only the name tells another base (or the same one at another path)
+        if base and not same_checkpoint(base, model_path):
+            print(f"generate.py: warning: adapter {name} ({adapter_path}) was trained on {base}, not on "
+                  f"{model_path} (fine if it is the same model at another path)", file=sys.stderr)
     if adapters:
-        from lora import load_adapter, set_adapter
-        for name, adapter_path in adapters.items():
-            load_adapter(model, adapter_path, adapter_name=name)
         set_adapter(model, next(iter(adapters)))
     return model.eval(), tokenizer
 
@@ -110,9 +124,142 @@ def parse_adapters(specs):
     for spec in specs or []:
         name, _, path = spec.rpartition("=") if "=" in spec else ("default", "", spec)
         if name in adapters:
-            raise SystemExit(f"generate.py: error: --adapter_path: adapter name {name!r} given twice")
+            raise InputError(f"--adapter_path: adapter name {name!r} given twice")
+        if name in ("", "base"):
+            raise InputError(f"--adapter_path {spec}: name the adapter (NAME=DIR; 'base' means the base model)")
         adapters[name] = path
     return adapters
+
+
+@contextmanager
+def ctrl_c_stops_reply():
+    """Inside, a first Ctrl-C only sets a flag (the yielded list becomes true): the reply stops
+    at its next token, with the KV cache freed and the model as it was. A second Ctrl-C raises
+    KeyboardInterrupt as usual, for a reply stuck in a long prefill."""
+    stopped = []
+
+    def on_ctrl_c(signum, frame):
+        if stopped:
+            raise KeyboardInterrupt
+        stopped.append(signum)
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+COMMANDS = """\
+/adapters          the adapters loaded; which one answers
+/adapter NAME      answer with adapter NAME
+/base              answer with the base model (adapters off)
+/compare PROMPT    PROMPT answered by each adapter, then by the base, after the same conversation
+                   (same seed; the answers are not kept in the conversation)
+/reset             forget the conversation
+/help              this list
+An empty line, Ctrl-D, or Ctrl-C at the prompt leaves; Ctrl-C during a reply ends the reply."""
+
+
+class Chat:
+    """A conversation: the turns so far and which adapter answers (None: the base model)."""
+
+    def __init__(self, model, tokenizer, adapters, sampling, chat=True, system=None, out=sys.stdout):
+        self.model, self.tokenizer, self.adapters, self.sampling = model, tokenizer, dict(adapters), sampling
+        self.chat, self.out = chat, out
+        self.start = [{"role": "system", "content": system}] if system else []
+        self.messages = list(self.start)
+        self.active = next(iter(self.adapters), None)  # load() made the first adapter active
+
+    def describe(self):
+        names = ", ".join(f"{n} = {p}" + (" (active)" if n == self.active else "") for n, p in self.adapters.items())
+        return f"adapters: {names}" + ("" if self.active else "; the base model answers (adapters off)")
+
+    def use(self, name):
+        """Answer with adapter `name`, or with the base model when name is None."""
+        if name is not None:
+            set_adapter(self.model, name)  # an unknown name: LoRAError lists the adapters
+        self.active = name
+
+    def reply(self, prompt, remember=True):
+        """Stream the answer to `prompt` to self.out; False when Ctrl-C cut it short."""
+        messages = self.messages + [{"role": "user", "content": prompt}]
+        if self.chat:
+            ids = self.tokenizer.encode(self.tokenizer.render(messages, add_generation_prompt=True)[0], bos=False)
+        else:
+            ids = self.tokenizer.encode(prompt)
+        if len(ids) >= self.model.config.max_position_embeddings:
+            raise InputError(f"{len(ids)} prompt tokens leave no room within the model's "
+                             f"{self.model.config.max_position_embeddings} positions"
+                             + (" (/reset forgets the conversation)" if len(self.messages) > len(self.start) else ""))
+        stats, eos = {}, self.tokenizer.eos_ids
+        base_only = disable_adapters(self.model) if self.adapters and self.active is None else nullcontext()
+        with base_only, ctrl_c_stops_reply() as stopped:
+            tokens = generate(self.model, ids, eos_ids=eos, stats=stats, **self.sampling)
+            try:
+                # Ctrl-C sets `stopped` while a token is computed; the text so far ends the reply
+                text = stream_text(self.tokenizer, takewhile(lambda _: not stopped, tokens), eos, self.out)
+            finally:
+                tokens.close()  # frees the KV cache now, also when a second Ctrl-C raises
+        if remember and self.chat:
+            self.messages = messages + [{"role": "assistant", "content": text}]
+        if stopped:
+            print("[stopped]", file=sys.stderr)
+            return False
+        print(f"[prompt {stats['prompt_tokens']} tok at {stats['prompt_tokens'] / stats['prefill_s']:.1f} tok/s, "
+              f"{stats['new_tokens']} new, decoding at {(stats['new_tokens'] - 1) / max(stats['decode_s'], 1e-9):.1f} tok/s]", file=sys.stderr)
+        return True
+
+    def compare(self, prompt):
+        """`prompt` answered by each adapter, then by the base; the active adapter stays."""
+        active = self.active
+        try:
+            for name in [*self.adapters, None]:
+                self.use(name)
+                print(f"[{name or 'base'}]", file=self.out)
+                if not self.reply(prompt, remember=False):
+                    break  # Ctrl-C ends the whole comparison
+        finally:
+            self.use(active)
+
+    def command(self, line):
+        cmd, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if cmd == "/help":
+            print(COMMANDS, file=self.out)
+        elif cmd == "/reset":
+            self.messages = list(self.start)
+        elif cmd in ("/adapters", "/adapter", "/base", "/compare") and not self.adapters:
+            raise InputError("no adapters loaded (--adapter_path [NAME=]DIR, repeated for several)")
+        elif cmd == "/adapters" or (cmd == "/adapter" and not arg):
+            print(self.describe(), file=self.out)
+        elif cmd in ("/adapter", "/base"):
+            self.use(arg if cmd == "/adapter" else None)
+            print(self.describe(), file=self.out)
+        elif cmd == "/compare":
+            if not arg:
+                raise InputError("/compare PROMPT: the prompt is missing")
+            self.compare(arg)
+        else:
+            raise InputError(f"unknown command {cmd} (/help lists them)")
+
+    def run(self, read=input):
+        """Prompts and /commands until an empty line, end of input, or Ctrl-C outside a reply."""
+        print("chat with the model; /help lists the commands; an empty line, Ctrl-D or Ctrl-C leaves", file=sys.stderr)
+        while True:
+            try:
+                line = read(f"{self.active or 'base'}> " if self.adapters else "> ").strip()
+                if not line:
+                    return
+                if line.startswith("/"):
+                    self.command(line)
+                else:
+                    self.reply(line)
+            except (EOFError, KeyboardInterrupt):
+                print(file=self.out)  # the shell's prompt then starts on a line of its own
+                return
+            except InputError as e:  # a bad command or adapter name: say so, the chat goes on
+                print(f"error: {e}", file=sys.stderr)
 
 
 def main(argv=None):
@@ -120,7 +267,7 @@ def main(argv=None):
     p.add_argument("--model_path", default=DEFAULT_MODEL, help="checkpoint folder or hub id (default: %(default)s)")
     p.add_argument("--prompt", help="the prompt; without it, an interactive chat on stdin")
     p.add_argument("--adapter_path", action="append", metavar="[NAME=]DIR",
-                   help="LoRA adapter folder (PEFT format); repeat for several, the first is used")
+                   help="LoRA adapter folder (PEFT format); repeat for several: the first answers, /adapter switches")
     p.add_argument("--no_chat", action="store_true", help="raw completion: no chat template")
     p.add_argument("--chat_template", choices=TEMPLATES, help="override the template detected from the checkpoint")
     p.add_argument("--system", help="system prompt (default: the checkpoint template's own, if any)")
@@ -137,42 +284,25 @@ def main(argv=None):
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top_p must be in (0, 1]")
     try:
-        model, tokenizer = load(args.model_path, parse_adapters(args.adapter_path), args.load_in_4bit,
-                                args.device, chat_template=args.chat_template)
-    except InputError as e:  # one line for the user, not a traceback
-        print(f"generate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    chat = not args.no_chat and tokenizer.template is not None
-    if not args.no_chat and not chat:
-        print("generate.py: this checkpoint has no chat template; raw completion (--no_chat)", file=sys.stderr)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-
-    def reply(prompt):
-        if chat:
-            messages.append({"role": "user", "content": prompt})
-            ids = tokenizer.encode(tokenizer.render(messages, add_generation_prompt=True)[0], bos=False)
-        else:
-            ids = tokenizer.encode(prompt)
-        stats = {}
-        tokens = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          tokenizer.eos_ids, args.seed, stats)
-        text = stream_text(tokenizer, tokens, tokenizer.eos_ids)
-        messages.append({"role": "assistant", "content": text})
-        print(f"[prompt {stats['prompt_tokens']} tok at {stats['prompt_tokens'] / stats['prefill_s']:.1f} tok/s, "
-              f"{stats['new_tokens']} new, decoding at {(stats['new_tokens'] - 1) / max(stats['decode_s'], 1e-9):.1f} tok/s]", file=sys.stderr)
-
-    if args.prompt is not None:
-        reply(args.prompt)
-        return
-    print("chat with the model; an empty line or Ctrl-D ends", file=sys.stderr)
-    while True:
-        try:
-            prompt = input("> ")
-        except EOFError:
-            break
-        if not prompt.strip():
-            break
-        reply(prompt)
+        with exit_on_input_error("generate.py"):
+            adapters = parse_adapters(args.adapter_path)
+            model, tokenizer = load(args.model_path, adapters, args.load_in_4bit, args.device,
+                                    chat_template=args.chat_template)
+            chat = not args.no_chat and tokenizer.template is not None
+            if not args.no_chat and not chat:
+                print("generate.py: this checkpoint has no chat template; raw completion (--no_chat)", file=sys.stderr)
+            sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+            session = Chat(model, tokenizer, adapters, sampling, chat, args.system)
+            if adapters:
+                print(session.describe(), file=sys.stderr)
+            if args.prompt is None:
+                session.run()
+            elif not session.reply(args.prompt):
+                sys.exit(130)  # cut short by Ctrl-C: the output is not the whole answer
+    except KeyboardInterrupt:  # Ctrl-C while loading, or a second one during a reply
+        print(file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

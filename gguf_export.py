@@ -21,10 +21,11 @@ Tensor types written: F32 (norms, biases, rope factors), F16, BF16, and Q8_0: bl
 weights along a row, each an fp16 scale d = max|x| / 127 and 32 int8 round(x / d) (34 bytes).
 
 What goes in, as llama.cpp's converter writes it for these families:
-- architecture "llama" (Llama 3.x, SmolLM2) or "qwen2"; tensors renamed (token_embd, blk.N.attn_q,
-  ...); a tied lm_head is simply absent (llama.cpp reuses token_embd), an untied one is output;
+- architecture "llama" (Llama 3.x, SmolLM2), "qwen2" or "qwen3"; tensors renamed (token_embd,
+  blk.N.attn_q, ...); a tied lm_head is simply absent (llama.cpp reuses token_embd), an untied one
+  is output;
 - for "llama", q/k rows permuted within each head from Hugging Face's rotate-half order to the
-  interleaved pairs llama.cpp's rope rotates (Qwen2 uses llama.cpp's NeoX rope: no permutation);
+  interleaved pairs llama.cpp's rope rotates (Qwen uses llama.cpp's NeoX rope: no permutation);
 - rope base, llama3 scaling as a rope_freqs tensor of per-frequency factors, linear scaling as
   keys; head_dim as key_length/value_length;
 - the tokenizer: tokens, token types, merges, special ids, add_bos/add_eos, the chat template, and
@@ -47,6 +48,7 @@ from tokenizer import Tokenizer, _content
 ARCHS = {
     "llama": ("llama", True),
     "qwen2": ("qwen2", False),
+    "qwen3": ("qwen3", False),
 }
 TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}  # ggml tensor types
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # general.file_type (llama_ftype)
@@ -62,9 +64,9 @@ CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u
 PRE_TOKENIZERS = {
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3, 3.1, 3.2
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5, Qwen2, Qwen2.5
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 to Qwen3
 }
-SUPPORTED = "Llama 3.x, SmolLM2, Qwen2/2.5"
+SUPPORTED = "Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3"
 
 # GGUF value types
 UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9
@@ -149,7 +151,7 @@ def tokenizer_kv(path, vocab_size, arch):
         chat = named.get("default")
     if chat is not None:
         kv["tokenizer.chat_template"] = (STRING, chat)
-    eot = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(template)
+    eot = {"chatml": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>"}.get(template)
     if eot in content:
         kv["tokenizer.ggml.eot_token_id"] = (UINT32, content[eot])
     return kv
@@ -346,7 +348,7 @@ def write(file, kv, tensors, chunk=1 << 24):
 def ollama_template(tok):
     """The chat format nanolora trains with (tokenizer.render_chat), as an Ollama Go template:
     .System is the chat's system prompt or the Modelfile's SYSTEM, .Messages the turns."""
-    if tok.template == "chatml":
+    if tok.template in ("chatml", "qwen3"):  # Ollama keeps Qwen3's reasoning out of .Content itself
         return ('{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
                 '{{- range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n'
                 '{{ .Content }}<|im_end|>\n{{ end }}{{ end }}<|im_start|>assistant\n')

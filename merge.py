@@ -2,17 +2,17 @@
 
     python merge.py --model_path BASE --adapter_path out/lora --output_dir out/merged
 
-Each targeted weight becomes W + scaling * B @ A, in the base's own dtype. An adapter trained with
-QLoRA is merged into the original full-precision weights read from BASE (not into the NF4 ones,
-which would bake 4-bit rounding into every weight). An adapter of an lm_head that the base ties
-to its embeddings unties them: lm_head.weight is written and the embeddings are kept.
+Each targeted weight becomes W + scaling * B @ A (DoRA: m * V / ||V||_row, V = W + scaling * B @ A),
+in the base's own dtype; an adapter of the embeddings merges into the embedding table. An
+adapter trained with QLoRA is merged into the original full-precision weights read from BASE
+(not into the NF4 ones, which would bake 4-bit rounding into every weight). An adapter of an lm_head or embedding table
+that the base ties together unties them: lm_head.weight is written, and the one not adapted is kept.
 config.json (tie_word_embeddings: false then), tokenizer and generation files are copied;
 weights are written as safetensors, sharded with an index past --max_shard_size.
 --gguf TYPE also writes model-TYPE.gguf for llama.cpp and an Ollama Modelfile (gguf_export.py).
 """
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import gguf_export
-from lora import load_adapter, merge_and_unload
-from model import InputError, Transformer, resolve_checkpoint, weight_files
+from hub import resolve_checkpoint, same_checkpoint
+from lora import check_adapter_folder, load_adapter, merge_and_unload
+from model import InputError, Transformer, exit_on_input_error, weight_files, written_atomically
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -75,6 +76,7 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise InputError(f"--output_dir {out} is not empty; pass --force to replace it")
+    check_adapter_folder(adapter_path)  # every path before the base loads (or downloads)
     path = resolve_checkpoint(model_path)
     adapter_path = Path(adapter_path)
     train_config = adapter_path / "train_config.json"
@@ -85,31 +87,28 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
     dtype = dtype or checkpoint_dtype(path)
     model = Transformer.from_pretrained(path, dtype=dtype)
     tied = model.config.tie_word_embeddings
-    load_adapter(model, adapter_path)  # refuses an adapter whose layers do not fit this base
+    config = load_adapter(model, adapter_path)  # refuses an adapter whose layers do not fit this base
+    if (base := config.get("base_model_name_or_path")) and not same_checkpoint(base, model_path):
+        print(f"merge.py: warning: {adapter_path} was trained on {base}, not on {model_path} "
+              "(fine if it is the same model at another path)", file=sys.stderr)
     merge_and_unload(model)  # unties lm_head from the embeddings if the adapter changes it
-    state = model.state_dict()
-    if model.config.tie_word_embeddings:
-        del state["lm_head.weight"]  # the same tensor as the embeddings
+    state = model.checkpoint_state_dict()
     # Write everything into a sibling folder, then swap it in: a failure never leaves half a checkpoint.
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_safetensors(state, tmp, max_shard_size)
-    for name in COPIED:
-        if (path / name).exists():
-            shutil.copy2(path / name, tmp / name)
-    if tied and not model.config.tie_word_embeddings:
-        config = {**json.loads((path / "config.json").read_text()), "tie_word_embeddings": False}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        print("the merged checkpoint has its own lm_head.weight: config.json says tie_word_embeddings: false")
-    if gguf:
-        name = f"model-{gguf}.gguf"
-        gguf_export.write(tmp / name, gguf_kv, gguf_export.tensors(state, model.config, gguf))
-        (tmp / "Modelfile").write_text(gguf_export.modelfile(name, path))
-        print(f"{out / name} written for llama.cpp; {out / 'Modelfile'} for Ollama: ollama create NAME -f {out / 'Modelfile'}")
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+    with written_atomically(out) as tmp:
+        tmp.mkdir(parents=True)
+        write_safetensors(state, tmp, max_shard_size)
+        for name in COPIED:
+            if (path / name).exists():
+                shutil.copy2(path / name, tmp / name)
+        if tied and not model.config.tie_word_embeddings:
+            config = {**json.loads((path / "config.json").read_text()), "tie_word_embeddings": False}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            print("the merged checkpoint has its own lm_head.weight: config.json says tie_word_embeddings: false")
+        if gguf:
+            name = f"model-{gguf}.gguf"
+            gguf_export.write(tmp / name, gguf_kv, gguf_export.tensors(state, model.config, gguf))
+            (tmp / "Modelfile").write_text(gguf_export.modelfile(name, path))
+            print(f"{out / name} written for llama.cpp; {out / 'Modelfile'} for Ollama: ollama create NAME -f {out / 'Modelfile'}")
     n = sum(1 for k in state if k.endswith(".weight"))
     print(f"merged {adapter_path} into {path}: {n} tensors ({dtype}) written to {out}")
     return out
@@ -125,12 +124,9 @@ def main(argv=None):
     p.add_argument("--gguf", choices=gguf_export.TYPES, help="also write model-TYPE.gguf (llama.cpp, Ollama, LM Studio) and an Ollama Modelfile")
     p.add_argument("--max_shard_size", default="5GB", type=parse_size, help="largest safetensors file before sharding (default: %(default)s)")
     args = p.parse_args(argv)
-    try:
+    with exit_on_input_error("merge.py"):
         merge(args.model_path, args.adapter_path, args.output_dir, args.force, args.max_shard_size,
               DTYPES.get(args.dtype), args.gguf)
-    except InputError as e:
-        print(f"merge.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

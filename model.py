@@ -1,20 +1,21 @@
 """A Llama-family transformer, built from a Hugging Face checkpoint folder.
 
-Covers Llama 2/3.x, TinyLlama, SmolLM2, Mistral and Qwen2/2.5: they share one architecture
-(pre-norm RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP) and differ in a few
-config fields, all read into `Config`. Module names mirror the checkpoint's keys
+Covers Llama 2/3.x, TinyLlama, SmolLM2, Mistral, Qwen2/2.5 and Qwen3 (dense): they share one
+architecture (pre-norm RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP) and
+differ in a few config fields, all read into `Config` (Qwen3 adds an RMSNorm on each head's
+query and key, `qk_norm`). Module names mirror the checkpoint's keys
 (model.layers.N.self_attn.q_proj.weight, ...) so weights load with no renaming and LoRA target
 names and PEFT keys map one to one.
 
     model = Transformer.from_pretrained("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")
     logits = model(input_ids)  # (B, T) -> (B, T, vocab)
 """
-import http.client
 import json
 import math
 import os
-import urllib.error
-import urllib.request
+import shutil
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -31,6 +32,50 @@ class InputError(Exception):
 
 class CheckpointError(InputError):
     """A checkpoint folder that cannot be used as asked; the message names the file or key."""
+
+
+@contextmanager
+def exit_on_input_error(script):
+    """Around a script's work: an InputError ends the script with one line, `script: error: ...`,
+    on stderr and exit code 2 (argparse's, for a bad flag), never with a traceback."""
+    try:
+        yield
+    except InputError as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device):
+    """bf16 on a GPU (half the memory of fp32, its fast matmuls); fp32 on a CPU, where bf16 is slow."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+@contextmanager
+def written_atomically(path):
+    """Yield a temporary path beside `path` for a file or folder to be written there; when the block
+    completes, it is renamed to `path` (replacing it). Whoever reads `path`, or resumes after a crash,
+    finds the old one or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    remove(tmp)  # left by a crash
+    try:
+        yield tmp
+        if path.is_dir():  # os.replace renames over a file or an empty folder only
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        remove(tmp)  # after a failure
+
+
+def remove(path):
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 @dataclass
@@ -51,15 +96,18 @@ class Config:
     attention_bias: bool = False  # bias on q/k/v/o (Qwen2: q/k/v only, see __post_init__)
     mlp_bias: bool = False
     qkv_bias: bool = None  # None: attention_bias (Qwen2: always True, with no o_proj bias)
+    qk_norm: bool = None  # RMSNorm on each head's query and key before RoPE; None: Qwen3 only
 
     def __post_init__(self):
-        if self.model_type not in ("llama", "mistral", "qwen2"):
+        if self.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
             raise CheckpointError(f"model_type {self.model_type!r} is not supported "
-                                  "(supported: llama, mistral, qwen2)")
+                                  "(supported: llama, mistral, qwen2, qwen3)")
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.qkv_bias is None:
             self.qkv_bias = self.attention_bias or self.model_type == "qwen2"
+        if self.qk_norm is None:
+            self.qk_norm = self.model_type == "qwen3"
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
@@ -159,12 +207,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
+        # Qwen3: an RMSNorm over each head's query and key (head_dim wide), shared by all heads
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else nn.Identity()
         self.kv_cache = None
 
     def forward(self, x, cos, sin, mask, start):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
@@ -237,7 +288,13 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self.gradient_checkpointing = False  # recompute each block in backward (train.py sets it)
+        self.gradient_checkpointing = False  # see enable_gradient_checkpointing
+
+    def enable_gradient_checkpointing(self, on=True):
+        """In training, keep only each block's input and recompute the block in backward: activation
+        memory of one block instead of all, for about one more forward pass of compute."""
+        self.gradient_checkpointing = on
+        return self
 
     def hidden(self, input_ids, position_ids=None, doc_ids=None, start=0):
         """Final hidden states (B, T, C) after the last norm.
@@ -273,6 +330,22 @@ class Transformer(nn.Module):
     def forward(self, input_ids, position_ids=None, doc_ids=None, start=0):
         return self.lm_head(self.hidden(input_ids, position_ids, doc_ids, start))  # (B, T, vocab)
 
+    def untie_lm_head(self):
+        """Give lm_head its own copy of the embedding table, so that one can change without the
+        other (merging an adapter into either); config.tie_word_embeddings says so from then on.
+        Under a LoRA wrapper, the copy goes to the layer it wraps (its `base`)."""
+        head = getattr(self.lm_head, "base", self.lm_head)
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        self.config.tie_word_embeddings = False
+
+    def checkpoint_state_dict(self):
+        """The state_dict as a Hugging Face checkpoint stores it: a tied lm_head.weight is left out
+        (it is the embedding table)."""
+        state = self.state_dict()
+        if self.config.tie_word_embeddings:
+            del state["lm_head.weight"]
+        return state
+
     def split_layers(self, devices):
         """Spread the blocks evenly over devices, in order, for a model too large for one GPU
         (one process; devices take turns). Embeddings, final norm and lm_head (tied with the
@@ -291,7 +364,7 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", quantize=None):
-        """Load a checkpoint folder (or hub id, see resolve_checkpoint) without two copies of it.
+        """Load a checkpoint folder without two copies of it (a hub id: hub.resolve_checkpoint first).
 
         The model is built on the meta device (no memory) and each tensor is read from its
         safetensors file straight into place; with quantize="nf4" every linear layer of the
@@ -299,7 +372,9 @@ class Transformer(nn.Module):
         """
         from safetensors import safe_open
 
-        path = resolve_checkpoint(path)
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such checkpoint folder")
         config = Config.from_json(path / "config.json")
         files = weight_files(path)
         with torch.device("meta"):
@@ -367,74 +442,3 @@ def weight_files(path):
             return {k: "model.safetensors" for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{single}: not a readable safetensors file ({e})") from None
-
-
-# --- checkpoints from the Hugging Face Hub ------------------------------------------------------
-
-HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
-
-
-def resolve_checkpoint(path, root="checkpoints"):
-    """A local folder as is; a hub id "org/name" that is not one becomes root/org/name,
-    downloaded on first use (files are written under a .part name and renamed when complete,
-    so an interrupted download is resumed, never mistaken for a complete one)."""
-    p = Path(path)
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise CheckpointError(f"{p}: no config.json (not a Hugging Face checkpoint folder)")
-        return p
-    if p.exists() or len(p.parts) != 2 or str(path).startswith((".", "/")):
-        raise CheckpointError(f"{path}: no such checkpoint folder")
-    local = Path(root) / p
-    if not (local / "config.json").exists() or not _weights_complete(local):
-        download(str(path), local)
-    return local
-
-
-def _weights_complete(local):
-    try:
-        return all((local / f).exists() for f in set(weight_files(local).values()))
-    except CheckpointError:
-        return False
-
-
-def download(repo_id, local):
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    local.mkdir(parents=True, exist_ok=True)
-
-    def fetch(name, required=True):
-        if (local / name).exists():
-            return True
-        from tqdm import tqdm
-        url = f"{endpoint}/{repo_id}/resolve/main/{name}"
-        req = urllib.request.Request(url)
-        if token := os.environ.get("HF_TOKEN"):
-            req.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                total = int(r.headers.get("Content-Length") or 0) or None
-                part = local / (name + ".part")
-                with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=name, leave=False) as bar:
-                    while chunk := r.read(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-                if total is not None and part.stat().st_size != total:
-                    raise CheckpointError(f"{url}: download ended early ({part.stat().st_size} of {total} bytes)")
-                os.replace(part, local / name)
-                return True
-        except urllib.error.HTTPError as e:
-            if e.code == 404 and not required:
-                return False
-            hint = " (gated or private: set HF_TOKEN)" if e.code in (401, 403) else ""
-            raise CheckpointError(f"{url}: HTTP {e.code}{hint}") from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise CheckpointError(f"cannot download {repo_id} from {endpoint} (offline? {getattr(e, 'reason', e)!r}); "
-                                  f"put the checkpoint folder at {local} or pass --model_path DIR") from None
-
-    for name in HUB_FILES:
-        fetch(name, required=name in ("config.json", "tokenizer.json"))
-    if fetch("model.safetensors.index.json", required=False):
-        for shard in sorted(set(weight_files(local).values())):
-            fetch(shard)
-    else:
-        fetch("model.safetensors")

@@ -223,6 +223,14 @@ class NF4Linear(nn.Module):
             return _dequantize_bnb(self.nf4(), dtype)
         return dequantize_nf4(self.nf4(), dtype)
 
+    def to_linear(self) -> nn.Linear:
+        """A frozen nn.Linear holding the dequantized weight (e.g. to merge an adapter into)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.dequantize(), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.clone(), requires_grad=False)
+        return linear
+
     def forward(self, x):  # (..., in_features) -> (..., out_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return _NF4Matmul.apply(x, self.dequantize, bias)

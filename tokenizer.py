@@ -1,10 +1,11 @@
 """The checkpoint's tokenizer and chat template, with no transformers and no jinja2.
 
 Hugging Face checkpoints describe the chat format as a jinja template in tokenizer_config.json.
-The families we support use one of three formats, recognized by their markers (as llama.cpp
+The families we support use one of five formats, recognized by their markers (as llama.cpp
 does) and written here by hand:
 
     chatml   <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n        SmolLM2, Qwen2/2.5
+    qwen3    chatml, and the reply opens with <think>\\n...\\n</think>\\n\\n      Qwen3
     llama3   <|start_header_id|>user<|end_header_id|>\\n\\nHi<|eot_id|>       Llama 3.x
     llama2   <s>[INST] <<SYS>>\\n...\\n<</SYS>>\\n\\nHi [/INST]                 Llama 2, TinyLlama-chat
     mistral  <s>[INST] Hi [/INST]                                         Mistral Instruct
@@ -18,7 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from model import CheckpointError
 
-TEMPLATES = ("chatml", "llama3", "llama2", "mistral")
+TEMPLATES = ("chatml", "qwen3", "llama3", "llama2", "mistral")
 
 
 def _read_json(path):
@@ -72,7 +73,7 @@ class Tokenizer:
         self.system_date = None
         if "Cutting Knowledge Date" in chat_template:
             self.system_date = time.strftime("%d %b %Y") if "strftime_now" in chat_template else "26 Jul 2024"
-        end_of_turn = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.template)
+        end_of_turn = {"chatml": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.template)
         if end_of_turn and (e := self.token_id(end_of_turn)) is not None:
             self.eos_ids.add(e)  # a chat reply ends at its end-of-turn token
 
@@ -95,14 +96,15 @@ class Tokenizer:
     def decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def render(self, messages, add_generation_prompt=False):
+    def render(self, messages, add_generation_prompt=False, enable_thinking=True):
         """The chat as the checkpoint's template writes it, and the (start, end) character spans of
-        the assistant replies, each including its end-of-turn token (what training learns)."""
+        the assistant replies, each including its end-of-turn token (what training learns).
+        enable_thinking=False: Qwen3's generation prompt for a reply without reasoning."""
         if self.template is None:
             raise CheckpointError("this checkpoint has no chat template; pass --chat_template "
                                   f"({', '.join(TEMPLATES)}) or use raw text")
         return render_chat(messages, self.template, self.bos_text, self.eos_text,
-                           self.default_system, self.system_date, add_generation_prompt)
+                           self.default_system, self.system_date, add_generation_prompt, enable_thinking)
 
     @property
     def bos_text(self):
@@ -114,6 +116,8 @@ class Tokenizer:
 
 
 def detect_template(chat_template):
+    if "<|im_start|>" in chat_template and "<think>" in chat_template:
+        return "qwen3"
     if "<|im_start|>" in chat_template:
         return "chatml"
     if "<|start_header_id|>" in chat_template:
@@ -135,7 +139,7 @@ def default_system_prompt(chat_template, template):
 
 
 def render_chat(messages, template, bos="", eos="", default_system=None, system_date=None,
-                add_generation_prompt=False):
+                add_generation_prompt=False, enable_thinking=True):
     """messages: [{"role": "system"|"user"|"assistant", "content": str}, ...] -> (text, spans)."""
     parts, spans = [], []
     pos = 0
@@ -162,6 +166,8 @@ def render_chat(messages, template, bos="", eos="", default_system=None, system_
                 add(m["content"] + "<|im_end|>\n")
         if add_generation_prompt:
             add("<|im_start|>assistant\n")
+    elif template == "qwen3":
+        render_qwen3(add, system, messages, add_generation_prompt, enable_thinking)
     elif template == "llama3":
         add(bos)
         if system is not None:
@@ -191,3 +197,38 @@ def render_chat(messages, template, bos="", eos="", default_system=None, system_
             else:
                 add(m["content"] + eos, trained=True)
     return "".join(parts), spans
+
+
+def split_thinking(content):
+    """("reasoning", "reply") of an assistant message written as "<think>reasoning</think>reply";
+    ("", content) when it has no </think>."""
+    if "</think>" not in content:
+        return "", content
+    parts = content.split("</think>")
+    return parts[0].rstrip("\n").split("<think>")[-1].lstrip("\n"), parts[-1].lstrip("\n")
+
+
+def render_qwen3(add, system, messages, add_generation_prompt, enable_thinking):
+    """Qwen3's template: ChatML turns, no default system prompt, and these <think> rules:
+    - replies after the last user turn keep their reasoning, as <think>\\n...\\n</think>\\n\\n;
+      the last reply gets the block even when empty (data without reasoning trains on an empty
+      block, which is how Qwen3 answers without thinking);
+    - replies before it (the history) are written without their reasoning;
+    - the generation prompt is "<|im_start|>assistant\\n", followed by an empty block when
+      enable_thinking is False (the reply then comes without reasoning).
+    The trained span of a reply is everything after "<|im_start|>assistant\\n", think block included."""
+    if system is not None:
+        add(f"<|im_start|>system\n{system}<|im_end|>\n")
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            add(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+            continue
+        reasoning, reply = split_thinking(m["content"])
+        add("<|im_start|>assistant\n")
+        if i > last_user and (i == len(messages) - 1 or reasoning):
+            reply = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + reply.lstrip("\n")
+        add(reply + "<|im_end|>", trained=True)
+        add("\n")
+    if add_generation_prompt:
+        add("<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n"))

@@ -6,20 +6,25 @@ import pytest
 import torch
 
 import data
+from conftest import tiny_config, write_chatml_tokenizer, write_tiny_tokenizer
 from model import Config, Transformer
+from test_model import write_checkpoint
 from tokenizer import TEMPLATES, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = Path(__file__).resolve().parent / "data"
-SMOLLM2 = ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
 END = "<|im_end|>"  # SmolLM2's end of turn, eos and pad (id 2)
 
 
 @pytest.fixture(scope="module")
-def tok():
-    if not (SMOLLM2 / "tokenizer.json").exists():
-        pytest.skip(f"SmolLM2 checkpoint not found at {SMOLLM2}; run ../shared/tools/get_smollm2.sh")
-    return Tokenizer(SMOLLM2)
+def tok_path(tmp_path_factory):
+    """SmolLM2's tokenizer pipeline and config with a small vocabulary (conftest), made here."""
+    return write_chatml_tokenizer(tmp_path_factory.mktemp("chatml"))
+
+
+@pytest.fixture(scope="module")
+def tok(tok_path):
+    return Tokenizer(tok_path)
 
 
 def trained_pieces(tok, input_ids, labels):
@@ -49,18 +54,31 @@ ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an i
                 "Translate to French.\n\n### Input:\nthank you\n\n### Response:\n")
 
 
-@pytest.mark.parametrize("name, expected", [
+REPLIES = [
     ("messages.jsonl", [["Paris." + END], ["Red." + END, "Blue, or yellow." + END], ["Merci, et voilà ☺" + END]]),
     ("sharegpt.jsonl", [["Paris." + END], ["Red." + END, "Blue, or yellow." + END], ["Eight." + END]]),
     ("alpaca.jsonl", [["Paris." + END], ["merci" + END], ["2 + 3 = 5" + END]]),
     ("text.jsonl", [["The capital of France is Paris." + END],
                     ["Plain text records are learned in full, first token to last." + END],
                     ["Line one.\nLine two." + END]]),
-])
+]
+
+
+@pytest.mark.parametrize("name, expected", REPLIES)
 def test_only_replies_and_their_end_of_turn_are_learned(tok, name, expected):
     rows, stats = data.load_dataset(FILES / name, tok, max_seq_len=512)
     assert [trained_pieces(tok, r["input_ids"], r["labels"]) for r in rows] == expected
     assert stats["n_examples"] == stats["n_rows"] == 3 and stats["n_truncated"] == 0
+
+
+def test_only_replies_are_learned_with_smollm2s_own_tokenizer(smollm2):
+    """The same labels with the real tokenizer (49k tokens, other merges across the boundaries)."""
+    real = Tokenizer(smollm2)
+    for name, expected in REPLIES:
+        rows, _ = data.load_dataset(FILES / name, real, max_seq_len=512)
+        assert [trained_pieces(real, r["input_ids"], r["labels"]) for r in rows] == expected, name
+    rows, stats = data.load_dataset(ROOT / "data" / "brannock_chat.jsonl", real, max_seq_len=512)
+    assert stats["n_truncated"] == 0  # the bundled data fits the default --max_seq_len
 
 
 def test_prompts_are_not_learned(tok):
@@ -84,9 +102,9 @@ def test_alpaca_prompts_are_stanfords(tok):
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
-def test_labels_follow_the_rendered_spans_in_every_template(tok, template):
+def test_labels_follow_the_rendered_spans_in_every_template(tok_path, template):
     """Whatever the template writes around them, the learned tokens spell exactly the reply spans."""
-    t = Tokenizer(SMOLLM2, template=template)
+    t = Tokenizer(tok_path, template=template)
     t.tok.add_special_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])  # as Llama 3's vocab has them
     record = json.loads((FILES / "messages.jsonl").read_text().splitlines()[1])
     text, spans = t.render(record["messages"])
@@ -299,6 +317,59 @@ def test_conversation_without_chat_template_is_a_data_error(tmp_path):
     path = write(tmp_path / "c.jsonl", [GOOD])
     with pytest.raises(data.DataError, match=r"c\.jsonl:1: a conversation, but the checkpoint has no chat template"):
         data.load_dataset(path, t, max_seq_len=16)
+
+
+# --- the double-BOS trap -----------------------------------------------------------------------
+
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+                   " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}")
+
+
+def write_llama_tokenizer(path):
+    """Word-level, ids: <unk> 0, <|begin_of_text|> 1, headers 2-3, <|eot_id|> 4, w0 5, w1 6, ...;
+    BOS prepended by tokenizer.json's post-processor, and written by the chat template."""
+    write_tiny_tokenizer(path, specials=("<unk>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                         "<|eot_id|>"), bos="<|begin_of_text|>")
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE}))
+
+
+@pytest.mark.parametrize("template", ["llama3", "llama2", "mistral"])
+def test_a_template_that_writes_bos_gets_no_second_one(tmp_path, template):
+    """Llama's tokenizer.json prepends BOS to whatever it encodes, and these chat templates write
+    BOS themselves: encoding the rendered chat the usual way starts with two BOS, a sequence the
+    model never saw in training. Every row starts with exactly one."""
+    write_llama_tokenizer(tmp_path)
+    t = Tokenizer(tmp_path, template=template)
+    bos = t.token_id("<|begin_of_text|>")
+    assert t.bos_id == bos and t.add_bos  # raw text does get a BOS
+    record = {"messages": [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]}
+    text = t.render(record["messages"])[0]
+    assert text.startswith("<|begin_of_text|>") and t.tok.encode(text).ids[:2] == [bos, bos]  # the trap
+    for r in (record, {"text": "w1 w2"}, {"instruction": "w1", "output": "w2"}):
+        ids, _ = data.tokenize(r, t, "x:1")
+        assert ids[0] == bos and ids.count(bos) == 1, r
+
+
+def test_generation_prompts_get_one_bos(tmp_path, monkeypatch, capsys):
+    """generate.py's prompt, chat or raw, starts with exactly one BOS (the ids given to generate())."""
+    import generate
+
+    write_checkpoint(tmp_path, Transformer(tiny_config()))
+    write_llama_tokenizer(tmp_path)
+    prompts, real_generate = [], generate.generate
+
+    def spy(model, prompt_ids, *args, **kwargs):
+        prompts.append(list(prompt_ids))
+        return real_generate(model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate", spy)
+    for raw in ([], ["--no_chat"]):
+        generate.main(["--model_path", str(tmp_path), "--prompt", "w1 w2", "--max_new_tokens", "2", "--device", "cpu", *raw])
+    capsys.readouterr()
+    chat_ids, raw_ids = prompts
+    assert chat_ids[:2] == [1, 2] and chat_ids.count(1) == 1  # <|begin_of_text|><|start_header_id|>user...
+    assert raw_ids == [1, 6, 7]  # <|begin_of_text|> w1 w2
 
 
 # --- the bundled data --------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch
 
 from conftest import ROOT, tiny_config, write_tiny_tokenizer
 from generate import generate, load, sample, stream_text
-from model import CheckpointError, Transformer, resolve_checkpoint
+from hub import resolve_checkpoint
+from model import CheckpointError, Transformer
 from test_model import write_checkpoint
 from tokenizer import Tokenizer, render_chat
 

@@ -80,19 +80,24 @@ def test_smollm2_is_what_llama_cpp_converter_writes(smollm2_state, ftype):
     assert data.hexdigest() == ref["data_sha256"][ftype]  # every byte of every tensor
 
 
+TINY = [("llama", "tiny-llama3"), ("qwen2", "tiny-qwen2"), ("qwen3", "tiny-qwen3")]
+
+
 def tiny_checkpoint(path, model_type):
     """The tiny checkpoints of the fixture: random weights, SmolLM2's tokenizer."""
     torch.manual_seed(0)
     extra = {"llama": dict(rope_theta=500000.0, attention_bias=True, rope_scaling={
                  "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 64}),
-             "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0)}[model_type]
+             "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0),
+             "qwen3": dict(model_type="qwen3", head_dim=32, rope_theta=1000000.0)}[model_type]
     config = Config(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, **extra)
     write_checkpoint(path, Transformer(config))
     raw = json.loads((path / "config.json").read_text())
     raw.update({k: v for k, v in extra.items() if k not in raw})
-    raw.update(architectures=["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"], rms_norm_eps=1e-6)
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]
+    raw.update(architectures=[arch], rms_norm_eps=1e-6)
     (path / "config.json").write_text(json.dumps(raw))
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(SMOLLM2 / name, path / name)
@@ -110,13 +115,13 @@ def tiny(tmp_path_factory):
     if not (SMOLLM2 / "tokenizer.json").exists():
         pytest.skip(f"SmolLM2 checkpoint not found at {SMOLLM2}")
     made = {}
-    for model_type, name in (("llama", "tiny-llama3"), ("qwen2", "tiny-qwen2")):
+    for model_type, name in TINY:
         path = tiny_checkpoint(tmp_path_factory.mktemp(name), model_type)
         made[name] = path, gguf_export.metadata(path, "f16")
     return made
 
 
-@pytest.mark.parametrize("model_type,name", [("llama", "tiny-llama3"), ("qwen2", "tiny-qwen2")])
+@pytest.mark.parametrize("model_type,name", TINY)
 @pytest.mark.parametrize("ftype", FTYPES)
 def test_tensors_read_back_equal_the_weights(tiny, tmp_path, model_type, name, ftype):
     path, kv = tiny[name]

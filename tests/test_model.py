@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import tiny_config
 from model import CheckpointError, Config, SwiGLU, Transformer, apply_rope, rope_inv_freq
@@ -21,6 +23,9 @@ FAMILIES = {
                     tie_word_embeddings=True, rope_theta=100000.0),
     "mistral": dict(model_type="mistral", head_dim=32, sliding_window=4096),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0),
+    # Qwen3: q_norm/k_norm, head_dim set apart from hidden_size / heads (as 0.6B's 128 vs 1024/16)
+    "qwen3": dict(model_type="qwen3", head_dim=24, tie_word_embeddings=True, rope_theta=1000000.0),
+    "qwen3-untied": dict(model_type="qwen3", head_dim=32, num_key_value_heads=1, tie_word_embeddings=False),
 }
 
 
@@ -29,7 +34,8 @@ def hf_model(family):
     transformers = pytest.importorskip("transformers")
     kw = dict(FAMILIES[family])
     ours = tiny_config(**{k: v for k, v in kw.items() if k != "sliding_window"})
-    cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}[kw.pop("model_type")]
+    cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+           "qwen3": "Qwen3Config"}[kw.pop("model_type")]
     d = dict(vocab_size=ours.vocab_size, hidden_size=ours.hidden_size, intermediate_size=ours.intermediate_size,
              num_hidden_layers=ours.num_hidden_layers, num_attention_heads=ours.num_attention_heads,
              num_key_value_heads=ours.num_key_value_heads, max_position_embeddings=ours.max_position_embeddings,
@@ -192,14 +198,49 @@ def test_sharded_checkpoint_loads_to_the_same_logits(tmp_path):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
 
 
-def test_loading_does_not_materialize_twice(tmp_path):
-    # Built on the meta device: every parameter comes from the file, none from random init.
+class Allocations(TorchDispatchMode):
+    """Every tensor op while active: `made` lists (op, bytes) of each new storage on a real device
+    (not meta, and not a view of an input), so bytes allocated and random inits can be counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.made, self.ops = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        real = lambda t: isinstance(t, torch.Tensor) and t.device.type != "meta"
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if real(t)}
+        for t in tree_leaves(out):
+            if real(t):
+                self.ops.append(func)
+                if t.untyped_storage().data_ptr() not in inputs:
+                    self.made.append((func, t.untyped_storage().nbytes()))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loading_does_not_materialize_twice(tmp_path, dtype):
+    # Counted op by op while loading an fp32 checkpoint: no parameter is initialized on a real
+    # device (the model is built on meta), and the only allocations are one copy of the weights
+    # in the target dtype (none for fp32: the tensors read from the file are kept), plus less than
+    # 1 KiB for the rotary frequencies. The plain way (build with random weights, then load)
+    # allocates at least one whole copy more.
     model = Transformer(tiny_config())
     write_checkpoint(tmp_path, model)
-    loaded = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    one_copy = sum(v.numel() for v in model.state_dict().values()) * dtype.itemsize
+    with Allocations() as plain:
+        Transformer(tiny_config()).to(dtype).load_state_dict(load_file(tmp_path / "model.safetensors"))
+    with Allocations() as ours:
+        loaded = Transformer.from_pretrained(tmp_path, dtype=dtype)
+    inits = {torch.ops.aten.uniform_.default, torch.ops.aten.normal_.default, torch.ops.aten.ones.default}
+    assert inits & set(plain.ops) and not inits & set(ours.ops)  # the check sees inits, and ours has none
+    made = sum(n for _, n in ours.made)
+    expected = one_copy if dtype != torch.float32 else 0
+    assert expected <= made < expected + 1024, [(str(f), n) for f, n in ours.made if n >= 1024]
+    assert sum(n for _, n in plain.made) - made >= one_copy  # what "twice" looks like: a whole copy more
     for k, v in loaded.state_dict().items():
-        assert v.device.type == "cpu" and v.dtype == torch.bfloat16, k
-        assert torch.equal(v, model.state_dict()[k].to(torch.bfloat16)), k
+        assert v.device.type == "cpu" and v.dtype == dtype, k
+        assert torch.equal(v, model.state_dict()[k].to(dtype)), k
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):
@@ -270,3 +311,19 @@ def test_doc_ids_keep_packed_examples_apart():
         out = model(packed, position_ids=pos, doc_ids=doc)
         assert torch.allclose(out[:, :5], model(a), atol=1e-5)
         assert torch.allclose(out[:, 5:], model(b), atol=1e-5)
+
+
+def test_qwen3_config_spellings_agree():
+    # Qwen3-0.6B's config.json as published (rope_theta, rope_scaling: null, head_dim 128 where
+    # hidden_size / heads is 64), and the same config as transformers 5 writes it (rope_parameters)
+    hub = dict(architectures=["Qwen3ForCausalLM"], attention_bias=False, head_dim=128, hidden_size=1024,
+               intermediate_size=3072, max_position_embeddings=40960, max_window_layers=28, model_type="qwen3",
+               num_attention_heads=16, num_hidden_layers=28, num_key_value_heads=8, rms_norm_eps=1e-06,
+               rope_scaling=None, rope_theta=1000000, sliding_window=None, tie_word_embeddings=True,
+               use_sliding_window=False, vocab_size=151936)
+    ours = Config.from_dict(hub)
+    assert ours.head_dim == 128 and ours.qk_norm and not ours.qkv_bias and ours.rope_scaling is None
+    transformers = pytest.importorskip("transformers")
+    written = transformers.Qwen3Config(**{k: v for k, v in hub.items() if k not in ("architectures", "model_type")})
+    assert "rope_parameters" in written.to_dict()
+    assert Config.from_dict(written.to_dict()) == ours

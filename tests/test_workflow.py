@@ -8,11 +8,12 @@ import torch
 from safetensors import safe_open
 
 import train
-from conftest import ROOT, chat, write_jsonl
+from conftest import ROOT, chat, tiny_config, write_jsonl
 from generate import load
 from lora import load_adapter
 from merge import merge
 from model import InputError, Transformer
+from test_model import write_checkpoint
 
 QUESTION = "What is the capital of Brannock?"
 
@@ -76,8 +77,10 @@ def test_qlora_adapter_merges_into_full_precision_weights(tiny_checkpoint, qlora
         assert (Transformer.from_pretrained(out)(ids) - base(ids)).abs().max() < 1e-5
 
 
-def test_merge_refuses_another_base_and_a_non_empty_output(tiny_checkpoint, qlora_adapter, smollm2, tmp_path):
-    r = subprocess.run([sys.executable, "merge.py", "--model_path", str(smollm2), "--adapter_path", str(qlora_adapter),
+def test_merge_refuses_another_base_and_a_non_empty_output(tiny_checkpoint, qlora_adapter, tmp_path):
+    other = tmp_path / "other"  # same layer names, other widths
+    write_checkpoint(other, Transformer(tiny_config(hidden_size=32)))
+    r = subprocess.run([sys.executable, "merge.py", "--model_path", str(other), "--adapter_path", str(qlora_adapter),
                         "--output_dir", str(tmp_path / "m")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "this model needs" in r.stderr and "adapter for another base?" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m").exists()

@@ -1,0 +1,97 @@
+"""DoRA (Liu et al. 2024, arXiv:2402.09353): weight-decomposed LoRA, exactly as PEFT computes it.
+
+A weight is a magnitude times a direction. DoRA trains the magnitude m (one number per output
+row) and lets LoRA move the direction:
+
+    W' = m * V / ||V||_row,    V = W + scaling * B @ A,    m starts at ||W||_row (so W' = W)
+
+    y = W' x + b = g * (W x + scaling * B A x) + b,        g = m / ||V||_row  (out,)
+
+||V||_row is a constant in backward (the paper's sec. 4.3: less memory, about the same result).
+The forward takes W x from the base output y = W x + b, so W x is not computed twice, except
+under dropout (see forward).
+
+Cost against LoRA: each forward builds the full (out, in) matrix V to take its row norms (an NF4
+weight is dequantized for it once more); bench.py measures the time and memory. Merged, DoRA
+costs nothing: W <- g * V. llama.cpp's adapter converter refuses lora_magnitude_vector, so a
+DoRA adapter goes to llama.cpp merged (merge.py), not as an adapter.
+
+This file holds the layer; lora.py adds it where an adapter has use_dora (apply_lora(...,
+use_dora=True), train.py --use_dora), and saves and loads it in PEFT's format, m under the key
+<module>.lora_magnitude_vector, shape (out,).
+"""
+import torch
+import torch.nn as nn
+
+from lora import LoRALinear, base_weight
+
+
+class DoRALinear(LoRALinear):
+    """A LoRALinear whose adapters may be DoRA ones, m in lora_magnitude_vector[name]. A layer
+    becomes one when its first DoRA adapter is added; its plain LoRA adapters compute as before."""
+
+    def __init__(self, base):
+        super().__init__(base)
+        self.lora_magnitude_vector = nn.ParameterDict()  # adapter name -> m (out,)
+        self.merged_norm = None  # ||V||_row of the merged adapter, to unmerge with
+
+    @classmethod
+    def from_lora(cls, layer):
+        """The same base and LoRA adapters, able to hold DoRA ones too."""
+        dora = cls(layer.base)
+        dora.lora_A, dora.lora_B, dora.lora_dropout = layer.lora_A, layer.lora_B, layer.lora_dropout
+        dora.settings, dora.scaling = layer.settings, layer.scaling
+        dora.active, dora.disabled = layer.active, layer.disabled
+        return dora
+
+    def add_adapter(self, name, settings, dtype=torch.float32):
+        super().add_adapter(name, settings, dtype)
+        if settings.use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name, dtype))
+
+    def adapter_tensors(self, name):
+        tensors = super().adapter_tensors(name)
+        if name in self.lora_magnitude_vector:
+            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return tensors
+
+    @torch.no_grad()  # a constant in backward
+    def weight_norm(self, name, dtype):
+        """||W + scaling * B @ A|| of each output row: (out,). An NF4 weight is dequantized for it:
+        a full-size temporary, and the time of one more dequantization, per layer and forward."""
+        return torch.linalg.norm(base_weight(self.base).to(dtype) + self.delta_weight(name).to(dtype), dim=1)
+
+    def forward(self, x):
+        name = self.active
+        if name not in self.lora_magnitude_vector or self.disabled or self.merged:
+            return super().forward(x)
+        A, B, s, dropout = self.lora_A[name], self.lora_B[name], self.scaling[name], self.lora_dropout[name]
+        y = self.base(x)  # (..., out)
+        x = x.to(A.weight.dtype)  # computed in the adapter's dtype, as the update of LoRALinear
+        g = self.lora_magnitude_vector[name] / self.weight_norm(name, x.dtype)  # m / ||V||, (out,)
+        # W' x + b = g * (W x + s B A x) + b. Written so, autograd keeps one (..., out) tensor
+        # for backward, the one g multiplies (PEFT's (g - 1) W x + g s B A x keeps two).
+        if self.training and not isinstance(dropout, nn.Identity):
+            # LoRA's dropout acts on x in both terms here, so W x is recomputed on dropout(x),
+            # as PEFT does (one more matmul with W per layer); y's own W x is swapped for it.
+            x = dropout(x)
+            wx = nn.functional.linear(x, base_weight(self.base).to(x.dtype))
+            rest = y.to(x.dtype) - wx
+        else:
+            bias = self.base.bias
+            rest = 0.0 if bias is None else bias.to(x.dtype)
+            wx = y.to(x.dtype) - rest
+        return (rest + g * (wx + s * B(A(x)))).to(y.dtype)
+
+    def merged_weight(self, w, name):
+        if name not in self.lora_magnitude_vector:
+            return super().merged_weight(w, name)
+        v = w + self.delta_weight(name)
+        self.merged_norm = torch.linalg.norm(v, dim=1)  # of the unmerged V, as the forward takes it
+        return (self.lora_magnitude_vector[name].float() / self.merged_norm)[:, None] * v
+
+    def unmerged_weight(self, w, name):
+        if name not in self.lora_magnitude_vector:
+            return super().unmerged_weight(w, name)
+        g = self.lora_magnitude_vector[name].float() / self.merged_norm
+        return w / g[:, None] - self.delta_weight(name)
