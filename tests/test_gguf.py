@@ -163,8 +163,8 @@ def test_tensors_read_back_equal_the_weights(tiny, tmp_path, model_type, name, f
 
 
 def test_unsupported_families_are_one_line_errors(tiny_checkpoint, smollm2, tmp_path):
-    with pytest.raises(CheckpointError, match=r"tokenizer\.json: GGUF export supports the byte-level BPE tokenizers of "
-                                              r"Llama 3\.x, SmolLM2, Qwen2/2\.5; this one is not among them"):
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: GGUF export supports the byte-level BPE tokenizers "
+                                              r"of Llama 3\.x, SmolLM2, Qwen2/2\.5, Qwen3; this one is not among them"):
         gguf_export.metadata(tiny_checkpoint, "q8_0")  # a word-level tokenizer
     mistral = shutil.copytree(smollm2, tmp_path / "mistral", ignore=shutil.ignore_patterns("*.safetensors"))
     config = json.loads((mistral / "config.json").read_text())
@@ -247,15 +247,17 @@ def test_tokenizer_in_the_file_encodes_like_tokenizer_json(exported):
     rebuilt = json.loads(json.dumps(original))
     rebuilt["model"]["vocab"] = {t: i for i, t in enumerate(tokens)}
     rebuilt["model"]["merges"] = [m.split(" ") for m in merges]
+    added = [(i, t, ty) for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (gguf_export.CONTROL, gguf_export.USER_DEFINED)]
     rebuilt["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                                "normalized": False, "special": ty == gguf_export.CONTROL}
-                               for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (gguf_export.CONTROL, gguf_export.USER_DEFINED)]
+                                "normalized": False, "special": ty == gguf_export.CONTROL} for i, t, ty in added]
     ours, theirs = Tokenizer.from_str(json.dumps(rebuilt)), Tokenizer.from_str(json.dumps(original))
     for text in TEXTS:
         assert ours.encode(text, add_special_tokens=False).ids == theirs.encode(text, add_special_tokens=False).ids, text
-    bos, eos = r.fields["tokenizer.ggml.bos_token_id"].contents(), r.fields["tokenizer.ggml.eos_token_id"].contents()
-    assert (tokens[bos], tokens[eos], r.fields["tokenizer.ggml.add_bos_token"].contents()) == ("<|im_start|>", "<|im_end|>", False)
-    assert r.fields["tokenizer.chat_template"].contents() == json.loads((SMOLLM2 / "tokenizer_config.json").read_text())["chat_template"]
+    field = lambda key: r.fields[f"tokenizer.{key}"].contents()  # noqa: E731
+    assert (tokens[field("ggml.bos_token_id")], tokens[field("ggml.eos_token_id")]) == ("<|im_start|>", "<|im_end|>")
+    assert field("ggml.add_bos_token") is False  # SmolLM2's template writes no BOS
+    chat_template = json.loads((SMOLLM2 / "tokenizer_config.json").read_text())["chat_template"]
+    assert field("chat_template") == chat_template
 
 
 def test_modelfile_for_llama3_templates(smollm2, tmp_path):
