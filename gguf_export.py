@@ -50,8 +50,8 @@ ARCHS = {
     "qwen2": ("qwen2", False),
     "qwen3": ("qwen3", False),
 }
-TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}  # ggml tensor types
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # general.file_type (llama_ftype)
+TYPES = {"f16": 1, "bf16": 30, "q8_0": 8, "f32": 0}  # ggml tensor types
+FILE_TYPES = {"f16": 1, "bf16": 32, "q8_0": 7, "f32": 0}  # general.file_type (llama_ftype)
 ALIGNMENT = 32
 QK8_0 = 32  # weights per Q8_0 block
 
