@@ -163,8 +163,9 @@ def add_special(tok_json, cfg):
     post = tok_json.get("post_processor") or {}
     add = {}
     for p in post.get("processors", [post]):
-        if p.get("type") == "ByteLevel":
-            add.setdefault("bos", False), add.setdefault("eos", False)
+        if p.get("type") == "ByteLevel":  # adds nothing
+            add.setdefault("bos", False)
+            add.setdefault("eos", False)
         elif p.get("type") == "TemplateProcessing" and len(single := p.get("single", [])) > 1:
             if first := single[0].get("SpecialToken", {}).get("id"):
                 add["bos"] = first == _content(cfg.get("bos_token"))
