@@ -209,16 +209,21 @@ def interrupt_during_step(monkeypatch, n, sig=signal.SIGTERM):
     monkeypatch.setattr(data, "step_batches", step_batches)
 
 
-def test_resume_after_interruption_gives_the_same_adapter(tiny_checkpoint, tmp_path, monkeypatch):
-    # Dropout on, so the restored RNG state matters; bitwise equal on CPU.
-    cfg = config(tiny_checkpoint, tmp_path, lora_dropout=0.1, num_epochs=3, save_every=2, output_dir=str(tmp_path / "full"))
-    train.train(cfg)
+@pytest.mark.parametrize("optimizer, lora_r", [("adamw", 8), ("adamw8bit", 64)])
+def test_resume_after_interruption_gives_the_same_adapter(tiny_checkpoint, tmp_path, monkeypatch, optimizer, lora_r):
+    # Dropout on, so the restored RNG state matters; bitwise equal on CPU. adamw8bit (bitsandbytes,
+    # which runs on CPU too) keeps 8-bit states only for tensors of 4096+ entries: r = 64 makes A
+    # (64, 64) and B (64, 64) or larger, and the checkpoint must hold those uint8 states.
+    kw = dict(lora_dropout=0.1, num_epochs=3, save_every=2, optimizer=optimizer, lora_r=lora_r)
+    train.train(config(tiny_checkpoint, tmp_path, **kw, output_dir=str(tmp_path / "full")))
     interrupt_during_step(monkeypatch, 4)  # epoch 1, its second step
-    cut = config(tiny_checkpoint, tmp_path, lora_dropout=0.1, num_epochs=3, save_every=2, keep_checkpoints=0,
-                 output_dir=str(tmp_path / "cut"))
+    cut = config(tiny_checkpoint, tmp_path, **kw, keep_checkpoints=0, output_dir=str(tmp_path / "cut"))
     with pytest.raises(train.Interrupted, match="continue with: python train.py --output_dir .* --resume"):
         train.train(cut)  # stops after saving step 4
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    saved = load_file(tmp_path / "cut" / "checkpoints" / "step-4" / "trainer_state.safetensors")
+    if optimizer == "adamw8bit":
+        assert any(k.endswith("__bnb_optimizer_quant_state__.state1") and v.dtype == torch.uint8 for k, v in saved.items())
     monkeypatch.undo()
     cut.resume = True
     train.train(cut)
