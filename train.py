@@ -335,6 +335,15 @@ def check_output_dir(cfg, out, world, say):
     return resume_from
 
 
+def check_data_paths(cfg):
+    """--data_path and --eval_data_path exist: checked before the model is found (or downloaded)."""
+    for name in ("data_path", "eval_data_path"):
+        path = getattr(cfg, name)
+        if path and not Path(path).is_file():
+            what = "is a directory, not a JSONL file" if Path(path).is_dir() else "no such file"
+            raise InputError(f"--{name} {path}: {what}")
+
+
 def load_data(cfg, tokenizer, say):
     """Training rows and evaluation rows (maybe none)."""
     rows, stats = data.load_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, cfg.train_on_inputs, cfg.sample_packing)
@@ -424,6 +433,7 @@ def train(cfg, rank=0, world=1, device="cpu"):
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     resume_from = check_output_dir(cfg, out, world, say)
+    check_data_paths(cfg)  # before the model is found, which may mean a download
 
     # data first: a bad file fails here, before the model is loaded or anything written
     path = resolve_checkpoint(cfg.model_path)

@@ -223,7 +223,8 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_checkpoint, tmp_p
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2", "step-4"]
     saved = load_file(tmp_path / "cut" / "checkpoints" / "step-4" / "trainer_state.safetensors")
     if optimizer == "adamw8bit":
-        assert any(k.endswith("__bnb_optimizer_quant_state__.state1") and v.dtype == torch.uint8 for k, v in saved.items())
+        assert any(k.endswith(".__bnb_optimizer_quant_state__.state1") and v.dtype == torch.uint8
+                   for k, v in saved.items())
     monkeypatch.undo()
     cut.resume = True
     train.train(cut)
@@ -388,6 +389,25 @@ def test_bad_flags_are_one_line_exit_2(tiny_checkpoint, tmp_path, flags, message
     r = run_cli(*args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--data_path", "--eval_data_path"])
+def test_a_missing_data_file_is_reported_before_the_model_is_fetched(tmp_path, flag):
+    # A hub id not on disk, and a hub (HF_ENDPOINT) at a closed port: trying the model would fail
+    # with a download error. The missing file must be the one line reported, and nothing written.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends
+    paths = {"--data_path": str(write_jsonl(tmp_path / "t.jsonl", TINY)), flag: str(tmp_path / "missing.jsonl")}
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model_path", "nobody/no-such-model",
+                        "--output_dir", str(tmp_path / "out"), *[x for kv in paths.items() for x in kv]],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+    expected = f"train.py: error: {flag} {tmp_path / 'missing.jsonl'}: no such file"
+    assert r.returncode == 2 and r.stderr.strip() == expected, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
 
 
 def test_an_earlier_run_is_never_overwritten(tiny_checkpoint, tmp_path):
