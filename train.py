@@ -253,26 +253,37 @@ def load_checkpoint(path, model, optimizer):
 
 
 def flatten_optimizer(sd):
-    """Optimizer state -> ({"opt.<param>.<name>": tensor}, JSON-able rest)."""
+    """Optimizer state -> ({"opt.<param>.<name>": tensor}, JSON-able rest). Nested dicts get dotted
+    names: bitsandbytes' 8-bit optimizers keep their states one level down, as
+    opt.0.__bnb_optimizer_quant_state__.state1."""
     tensors, scalars = {}, {}
-    for idx, s in sd["state"].items():
-        for k, v in s.items():
-            if torch.is_tensor(v):
-                tensors[f"opt.{idx}.{k}"] = v.contiguous()
+
+    def walk(prefix, d):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}.{k}", v)
+            elif torch.is_tensor(v):
+                # a copy: safetensors refuses tensors that share memory, and bitsandbytes gives every
+                # parameter the same quantization maps (qmap1, qmap2); an adapter's state is small
+                tensors[f"opt.{prefix}.{k}"] = v.clone(memory_format=torch.contiguous_format)
             else:
-                scalars[f"{idx}.{k}"] = v
+                scalars[f"{prefix}.{k}"] = v
+
+    for idx, s in sd["state"].items():
+        walk(str(idx), s)
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def unflatten_optimizer(tensors, js):
+    """The inverse of flatten_optimizer: dotted names back to nested dicts under each parameter."""
     state = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, idx, k = key.split(".", 2)
-            state.setdefault(int(idx), {})[k] = v
-    for key, v in js["scalars"].items():
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
+    named = [(k.removeprefix("opt."), v) for k, v in tensors.items() if k.startswith("opt.")]
+    for key, v in named + list(js["scalars"].items()):
+        idx, *path, name = key.split(".")
+        d = state.setdefault(int(idx), {})
+        for k in path:
+            d = d.setdefault(k, {})
+        d[name] = v
     return {"state": state, "param_groups": js["param_groups"]}
 
 
@@ -323,6 +334,15 @@ def check_output_dir(cfg, out, world, say):
     if resume_from is None:
         raise InputError(f"--resume: no checkpoint in {out / 'checkpoints'}")
     return resume_from
+
+
+def check_data_paths(cfg):
+    """--data_path and --eval_data_path exist: checked before the model is found (or downloaded)."""
+    for name in ("data_path", "eval_data_path"):
+        path = getattr(cfg, name)
+        if path and not Path(path).is_file():
+            what = "is a directory, not a JSONL file" if Path(path).is_dir() else "no such file"
+            raise InputError(f"--{name} {path}: {what}")
 
 
 def load_data(cfg, tokenizer, say):
@@ -414,6 +434,7 @@ def train(cfg, rank=0, world=1, device="cpu"):
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     resume_from = check_output_dir(cfg, out, world, say)
+    check_data_paths(cfg)  # before the model is found, which may mean a download
 
     # data first: a bad file fails here, before the model is loaded or anything written
     path = resolve_checkpoint(cfg.model_path)

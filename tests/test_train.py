@@ -209,16 +209,22 @@ def interrupt_during_step(monkeypatch, n, sig=signal.SIGTERM):
     monkeypatch.setattr(data, "step_batches", step_batches)
 
 
-def test_resume_after_interruption_gives_the_same_adapter(tiny_checkpoint, tmp_path, monkeypatch):
-    # Dropout on, so the restored RNG state matters; bitwise equal on CPU.
-    cfg = config(tiny_checkpoint, tmp_path, lora_dropout=0.1, num_epochs=3, save_every=2, output_dir=str(tmp_path / "full"))
-    train.train(cfg)
+@pytest.mark.parametrize("optimizer, lora_r", [("adamw", 8), ("adamw8bit", 64)])
+def test_resume_after_interruption_gives_the_same_adapter(tiny_checkpoint, tmp_path, monkeypatch, optimizer, lora_r):
+    # Dropout on, so the restored RNG state matters; bitwise equal on CPU. adamw8bit (bitsandbytes,
+    # which runs on CPU too) keeps 8-bit states only for tensors of 4096+ entries: r = 64 makes A
+    # (64, 64) and B (64, 64) or larger, and the checkpoint must hold those uint8 states.
+    kw = dict(lora_dropout=0.1, num_epochs=3, save_every=2, optimizer=optimizer, lora_r=lora_r)
+    train.train(config(tiny_checkpoint, tmp_path, **kw, output_dir=str(tmp_path / "full")))
     interrupt_during_step(monkeypatch, 4)  # epoch 1, its second step
-    cut = config(tiny_checkpoint, tmp_path, lora_dropout=0.1, num_epochs=3, save_every=2, keep_checkpoints=0,
-                 output_dir=str(tmp_path / "cut"))
+    cut = config(tiny_checkpoint, tmp_path, **kw, keep_checkpoints=0, output_dir=str(tmp_path / "cut"))
     with pytest.raises(train.Interrupted, match="continue with: python train.py --output_dir .* --resume"):
         train.train(cut)  # stops after saving step 4
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    saved = load_file(tmp_path / "cut" / "checkpoints" / "step-4" / "trainer_state.safetensors")
+    if optimizer == "adamw8bit":
+        assert any(k.endswith(".__bnb_optimizer_quant_state__.state1") and v.dtype == torch.uint8
+                   for k, v in saved.items())
     monkeypatch.undo()
     cut.resume = True
     train.train(cut)
@@ -372,7 +378,7 @@ def test_bad_data_is_one_line_exit_2_and_writes_nothing(tiny_checkpoint, tmp_pat
 @pytest.mark.parametrize("flags, message", [
     (["--effective_batch_size", "6", "--micro_batch_size", "4"], "--effective_batch_size 6 is not a multiple of --micro_batch_size 4"),
     (["--lora_r", "0"], "--lora_r must be positive"),
-    (["--target_modules", "q_proj,qkv"], "target module 'qkv' matches no layer; the model's linear layers are: down_proj, gate_proj"),
+    (["--target_modules", "q_proj,qkv"], "target module 'qkv' matches no layer; the layers LoRA can adapt are: down_proj, embed_tokens, gate_proj"),
     (["--data_path", "nowhere.jsonl"], "nowhere.jsonl: no such file"),
     (["--resume"], "--resume: no run to continue in"),
     (["--optimizer", "sgd"], "argument --optimizer: invalid choice: 'sgd'"),
@@ -383,6 +389,25 @@ def test_bad_flags_are_one_line_exit_2(tiny_checkpoint, tmp_path, flags, message
     r = run_cli(*args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--data_path", "--eval_data_path"])
+def test_a_missing_data_file_is_reported_before_the_model_is_fetched(tmp_path, flag):
+    # A hub id not on disk, and a hub (HF_ENDPOINT) at a closed port: trying the model would fail
+    # with a download error. The missing file must be the one line reported, and nothing written.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends
+    paths = {"--data_path": str(write_jsonl(tmp_path / "t.jsonl", TINY)), flag: str(tmp_path / "missing.jsonl")}
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model_path", "nobody/no-such-model",
+                        "--output_dir", str(tmp_path / "out"), *[x for kv in paths.items() for x in kv]],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+    expected = f"train.py: error: {flag} {tmp_path / 'missing.jsonl'}: no such file"
+    assert r.returncode == 2 and r.stderr.strip() == expected, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
 
 
 def test_an_earlier_run_is_never_overwritten(tiny_checkpoint, tmp_path):
