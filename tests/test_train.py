@@ -321,7 +321,7 @@ def test_bad_data_is_one_line_exit_2_and_writes_nothing(tiny_checkpoint, tmp_pat
 @pytest.mark.parametrize("flags, message", [
     (["--effective_batch_size", "6", "--micro_batch_size", "4"], "--effective_batch_size 6 is not a multiple of --micro_batch_size 4"),
     (["--lora_r", "0"], "--lora_r must be positive"),
-    (["--target_modules", "q_proj,qkv"], "target module 'qkv' matches no layer; the model's linear layers are: down_proj, gate_proj"),
+    (["--target_modules", "q_proj,qkv"], "target module 'qkv' matches no layer; the layers LoRA can adapt are: down_proj, embed_tokens, gate_proj"),
     (["--data_path", "nowhere.jsonl"], "nowhere.jsonl: no such file"),
     (["--resume"], "--resume: no run to continue in"),
     (["--optimizer", "sgd"], "argument --optimizer: invalid choice: 'sgd'"),
