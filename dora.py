@@ -14,12 +14,12 @@ under dropout (see forward).
 Cost against LoRA: each forward builds the full (out, in) matrix V to take its row norms (an NF4
 weight is dequantized for it once more); bench.py measures the time and memory. Merged, DoRA
 costs nothing: W <- g * V. llama.cpp's adapter converter refuses lora_magnitude_vector, so a
-DoRA adapter goes to llama.cpp merged (merge.py), not as an adapter. The token embeddings take DoRA too (DoRAEmbedding), as
-PEFT defines it for them.
+DoRA adapter goes to llama.cpp merged (merge.py), not as an adapter. The token embeddings take
+DoRA too (DoRAEmbedding), as PEFT defines it for them.
 
 This file holds the layers; lora.py puts them where an adapter has use_dora (apply_lora(...,
-use_dora=True), train.py --use_dora), and saves and loads it in PEFT's format, m under the key
-<module>.lora_magnitude_vector, shape (out,).
+use_dora=True), train.py --use_dora), and saves and loads them in PEFT's format, m under the key
+<module>.lora_magnitude_vector: shape (out,), or (dim,) for the embeddings.
 """
 import torch
 import torch.nn as nn
