@@ -263,9 +263,10 @@ def worker_command(args):
 
 
 def bench_dora(args):
-    """A DoRA training step against a LoRA one (ours), and against PEFT's DoRA, alternating fresh
-    processes in one run; each keeps its best speed and lowest peak memory."""
-    runs = {"ours LoRA": ["--impl", "ours"], "ours DoRA": ["--impl", "ours", "--dora"]}
+    """A DoRA training step against a LoRA one (ours, on a plain and on an NF4 base), and against
+    PEFT's DoRA, alternating fresh processes in one run; each keeps its best speed and lowest peak memory."""
+    runs = {"ours LoRA": ["--impl", "ours"], "ours DoRA": ["--impl", "ours", "--dora"],
+            "ours QLoRA": ["--impl", "ours", "--qlora"], "ours QLoRA-DoRA": ["--impl", "ours", "--qlora", "--dora"]}
     try:
         import peft  # noqa: F401
         runs["peft DoRA"] = ["--impl", "transformers", "--dora"]
@@ -283,12 +284,11 @@ def bench_dora(args):
     mem = "max allocated" if torch.device(args.device).type == "cuda" else "peak RSS"
     print(f"train DoRA: r={args.lora_r} all-linear, seq {args.seq_len}, micro batch {args.micro_batch_size}")
     for name, res in best.items():
-        print(f"  {name:10s} {res['tok_s']:8.0f} tok/s  {res['peak_bytes'] / 2**20:8.0f} MiB {mem}")
-    d, lo = best["ours DoRA"], best["ours LoRA"]
-    print(f"  ours DoRA / ours LoRA: {d['tok_s'] / lo['tok_s']:.2f}x tokens/s, {d['peak_bytes'] / lo['peak_bytes']:.2f}x peak memory")
-    if "peft DoRA" in best:
-        p = best["peft DoRA"]
-        print(f"  ours DoRA / peft DoRA: {d['tok_s'] / p['tok_s']:.2f}x tokens/s, {d['peak_bytes'] / p['peak_bytes']:.2f}x peak memory")
+        print(f"  {name:15s} {res['tok_s']:8.0f} tok/s  {res['peak_bytes'] / 2**20:8.0f} MiB {mem}")
+    pairs = [("ours DoRA", "ours LoRA"), ("ours QLoRA-DoRA", "ours QLoRA"), ("ours DoRA", "peft DoRA")]
+    for a, b in [(a, b) for a, b in pairs if b in best]:
+        print(f"  {a} / {b}: {best[a]['tok_s'] / best[b]['tok_s']:.2f}x tokens/s, "
+              f"{best[a]['peak_bytes'] / best[b]['peak_bytes']:.2f}x peak memory")
 
 
 def bench_train(args, flops):

@@ -14,16 +14,17 @@ under dropout (see forward).
 Cost against LoRA: each forward builds the full (out, in) matrix V to take its row norms (an NF4
 weight is dequantized for it once more); bench.py measures the time and memory. Merged, DoRA
 costs nothing: W <- g * V. llama.cpp's adapter converter refuses lora_magnitude_vector, so a
-DoRA adapter goes to llama.cpp merged (merge.py), not as an adapter.
+DoRA adapter goes to llama.cpp merged (merge.py), not as an adapter. The token embeddings take
+DoRA too (DoRAEmbedding), as PEFT defines it for them.
 
-This file holds the layer; lora.py adds it where an adapter has use_dora (apply_lora(...,
-use_dora=True), train.py --use_dora), and saves and loads it in PEFT's format, m under the key
-<module>.lora_magnitude_vector, shape (out,).
+This file holds the layers; lora.py puts them where an adapter has use_dora (apply_lora(...,
+use_dora=True), train.py --use_dora), and saves and loads them in PEFT's format, m under the key
+<module>.lora_magnitude_vector: shape (out,), or (dim,) for the embeddings.
 """
 import torch
 import torch.nn as nn
 
-from lora import LoRALinear, base_weight
+from lora import LoRAEmbedding, LoRALinear, base_weight
 
 
 class DoRALinear(LoRALinear):
@@ -95,3 +96,64 @@ class DoRALinear(LoRALinear):
             return super().unmerged_weight(w, name)
         g = self.lora_magnitude_vector[name].float() / self.merged_norm
         return w / g[:, None] - self.delta_weight(name)
+
+
+class DoRAEmbedding(LoRAEmbedding):
+    """A LoRAEmbedding whose adapters may be DoRA ones, as PEFT computes them for embeddings: the
+    magnitude is one number per embedding dimension, m: (dim,), and the norms are taken down the
+    vocabulary (the columns of the (vocab, dim) table):
+
+        y = g * (W[ids] + scaling * A^T[ids] B^T),   g = m / ||W + scaling * (B A)^T||_column
+
+    The norms need the whole (vocab, dim) table in every forward: costly for large vocabularies."""
+
+    def __init__(self, base):
+        super().__init__(base)
+        self.lora_magnitude_vector = nn.ParameterDict()  # adapter name -> m (dim,)
+        self.merged_norm = None
+
+    @classmethod
+    def from_lora(cls, layer):
+        dora = cls(layer.base)
+        dora.lora_embedding_A, dora.lora_embedding_B = layer.lora_embedding_A, layer.lora_embedding_B
+        dora.settings, dora.scaling = layer.settings, layer.scaling
+        dora.active, dora.disabled = layer.active, layer.disabled
+        return dora
+
+    def add_adapter(self, name, settings, dtype=torch.float32):
+        super().add_adapter(name, settings, dtype)
+        if settings.use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name, dtype))
+
+    def adapter_tensors(self, name):
+        tensors = super().adapter_tensors(name)
+        if name in self.lora_magnitude_vector:
+            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return tensors
+
+    @torch.no_grad()  # a constant in backward
+    def weight_norm(self, name, dtype):
+        return torch.linalg.norm(self.base.weight.to(dtype) + self.delta_weight(name).to(dtype), dim=0)
+
+    def forward(self, ids):
+        name = self.active
+        if name not in self.lora_magnitude_vector or self.disabled or self.merged:
+            return super().forward(ids)
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        y = self.base(ids)  # (B, T, dim)
+        g = self.lora_magnitude_vector[name] / self.weight_norm(name, A.dtype)  # (dim,)
+        update = nn.functional.embedding(ids, A.T) @ B.T * self.scaling[name]
+        return (g * (y.to(A.dtype) + update)).to(y.dtype)
+
+    def merged_weight(self, w, name):
+        if name not in self.lora_magnitude_vector:
+            return super().merged_weight(w, name)
+        v = w + self.delta_weight(name)
+        self.merged_norm = torch.linalg.norm(v, dim=0)
+        return (self.lora_magnitude_vector[name].float() / self.merged_norm)[None, :] * v
+
+    def unmerged_weight(self, w, name):
+        if name not in self.lora_magnitude_vector:
+            return super().unmerged_weight(w, name)
+        g = self.lora_magnitude_vector[name].float() / self.merged_norm
+        return w / g[None, :] - self.delta_weight(name)

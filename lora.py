@@ -254,33 +254,35 @@ def apply_lora(model, r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_p
 
 
 def add_adapter(model, names, adapter_name, settings, dtype):
-    """Wrap the named layers (once) and give each a new adapter with `settings`: LoRAEmbedding for
-    the embeddings, DoRALinear for a linear layer with a DoRA adapter, else LoRALinear.
+    """Wrap the named layers (see lora_layer_for) and give each a new adapter with `settings`.
 
     dtype: fp32 by default, whatever the model's: AdamW's update of a weight is often below
     bf16's resolution (8 bits of mantissa: a step under 1/256 of the value rounds away), and
     the adapter is small, so keeping it fp32 costs little (PEFT does the same, by default)."""
-    from dora import DoRALinear  # dora.py builds on this file's LoRALinear
-
     if adapter_settings(model, adapter_name) is not None:
         raise LoRAError(f"the model already has an adapter named {adapter_name!r}")
     if any(m.merged for _, m in lora_layers(model)):
         raise LoRAError(f"cannot add adapter {adapter_name!r} while another is merged; unmerge_lora first")
-    if settings.use_dora and "model.embed_tokens" in names:
-        raise LoRAError("use_dora: DoRA on the token embeddings is not supported (only on linear "
-                        "layers); leave embed_tokens out of target_modules")
     for name in names:
-        layer = model.get_submodule(name)
-        if isinstance(layer, (nn.Embedding, LoRAEmbedding)):
-            layer = layer if isinstance(layer, LoRAEmbedding) else LoRAEmbedding(layer)
-        elif settings.use_dora and not isinstance(layer, DoRALinear):
-            layer = DoRALinear.from_lora(layer) if isinstance(layer, LoRALinear) else DoRALinear(layer)
-        elif not isinstance(layer, LoRALayer):
-            layer = LoRALinear(layer)
+        layer = lora_layer_for(model.get_submodule(name), settings.use_dora)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
         layer.add_adapter(adapter_name, settings, dtype)
         layer.train(model.training)  # new modules start in training mode (dropout on): follow the model
+
+
+def lora_layer_for(layer, use_dora):
+    """The LoRA layer that can take a new adapter on `layer`: LoRALinear or LoRAEmbedding the first
+    time, or for a DoRA adapter their DoRA sibling (dora.py), which takes over the layer's adapters."""
+    from dora import DoRAEmbedding, DoRALinear  # dora.py builds on this file's classes
+
+    embedding = isinstance(layer, (nn.Embedding, LoRAEmbedding))
+    lora_class, dora_class = (LoRAEmbedding, DoRAEmbedding) if embedding else (LoRALinear, DoRALinear)
+    if not isinstance(layer, LoRALayer):
+        return (dora_class if use_dora else lora_class)(layer)
+    if use_dora and not isinstance(layer, dora_class):
+        return dora_class.from_lora(layer)
+    return layer
 
 
 def count_parameters(model):
@@ -439,7 +441,10 @@ def peft_shapes(layer, config):
     r = config["r"]
     if isinstance(layer, (nn.Embedding, LoRAEmbedding)):
         vocab, dim = layer.weight.shape
-        return {"lora_embedding_A": (r, vocab), "lora_embedding_B": (dim, r)}
+        shapes = {"lora_embedding_A": (r, vocab), "lora_embedding_B": (dim, r)}
+        if config.get("use_dora"):
+            shapes["lora_magnitude_vector"] = (dim,)
+        return shapes
     shapes = {"lora_A.weight": (r, layer.in_features), "lora_B.weight": (layer.out_features, r)}
     if config.get("use_dora"):
         shapes["lora_magnitude_vector"] = (layer.out_features,)

@@ -46,5 +46,5 @@ def test_bench_runs_every_measure_on_a_tiny_config(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     for line in ("ours / transformers = ", "QLoRA model loaded: ", "train LoRA: ", "ours / transformers+peft: ",
-                 "ours DoRA / ours LoRA: ", "ours DoRA / peft DoRA: "):
+                 "ours DoRA / ours LoRA: ", "ours QLoRA-DoRA / ours QLoRA: ", "ours DoRA / peft DoRA: "):
         assert line in out.stdout, out.stdout

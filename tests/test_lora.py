@@ -894,8 +894,8 @@ def test_merge_py_merges_dora_and_embedding_adapters(tmp_path, capsys):
 
 
 def test_train_py_use_dora_trains_and_saves_a_dora_adapter(tiny_checkpoint, tmp_path):
-    # train.py --use_dora: the loss falls, the saved adapter says use_dora and holds magnitudes;
-    # DoRA on the embeddings is refused in one line
+    # train.py --use_dora, the embeddings included: the loss falls, the saved adapter says
+    # use_dora and holds magnitudes, (dim,) for the embeddings
     import train
     from conftest import chat, write_jsonl
 
@@ -903,7 +903,7 @@ def test_train_py_use_dora_trains_and_saves_a_dora_adapter(tiny_checkpoint, tmp_
     out = tmp_path / "out"
     cfg = train.TrainConfig(model_path=str(tiny_checkpoint), data_path=str(write_jsonl(tmp_path / "t.jsonl", rows)),
                             output_dir=str(out), lora_r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True,
-                            target_modules="q_proj,v_proj", learning_rate=1e-2, warmup_steps=0,
+                            target_modules="q_proj,v_proj,embed_tokens", learning_rate=1e-2, warmup_steps=0,
                             micro_batch_size=4, effective_batch_size=4, max_steps=6, save_every=0, seed=0)
     train.train(cfg)
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
@@ -911,10 +911,8 @@ def test_train_py_use_dora_trains_and_saves_a_dora_adapter(tiny_checkpoint, tmp_
     assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
     keys = set(load_file(out / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in keys
-    model = tiny()
-    with pytest.raises(LoRAError, match="use_dora: DoRA on the token embeddings is not supported"):
-        apply_lora(model, target_modules=["embed_tokens", "q_proj"], use_dora=True, verbose=False)
-    assert not lora_layers(model)  # refused before anything changed
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.embed_tokens.lora_magnitude_vector"].shape == (64,)
 
 
 def test_qwen3_peft_adapter_loads_here_and_qlora_runs(tmp_path):
@@ -1001,3 +999,44 @@ def test_qlora_dora_layer_equals_peft_on_bitsandbytes_nf4():
     for a, b in zip(torch.autograd.grad(out_ours, [a for a, _ in pairs], g),
                     torch.autograd.grad(out_theirs, [b for _, b in pairs], g)):
         assert (a - b).abs().max() < 1e-5
+
+
+def test_dora_embedding_round_trips_with_peft_and_merges(tmp_path):
+    # DoRA on embed_tokens (m: one number per embedding dimension, norms down the vocabulary) and
+    # q_proj of a tied model: PEFT's adapter loads here and ours in PEFT with the same logits (fp32,
+    # atol 1e-4); merged (lm_head untied first) the logits stay those of the adapter (atol 1e-4)
+    pytest.importorskip("peft", reason="peft is the reference for DoRA")
+    import warnings
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    hf, ours = tied_hf_and_ours(tmp_path)
+    x = torch.randint(0, 128, (2, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
+                                               use_dora=True, init_lora_weights=False)).eval()
+        with torch.no_grad():
+            for n, p in theirs.named_parameters():
+                if "magnitude" in n:
+                    p.mul_(1 + 0.1 * torch.randn_like(p))
+        theirs.save_pretrained(tmp_path / "theirs")
+    assert load_file(tmp_path / "theirs" / "adapter_model.safetensors")[
+        "base_model.model.model.embed_tokens.lora_magnitude_vector"].shape == (72,)
+    load_adapter(ours, tmp_path / "theirs")
+    with torch.no_grad():
+        expected = theirs(x).logits
+        assert (ours(x) - expected).abs().max() < 1e-4
+    save_adapter(ours, tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = PeftModel.from_pretrained(tied_hf_and_ours(tmp_path / "again")[0], tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (again(x).logits - expected).abs().max() < 1e-4
+        table = ours.model.embed_tokens.weight.clone()
+        merge_lora(ours)
+        assert (ours(x) - expected).abs().max() < 1e-4
+        unmerge_lora(ours)  # restores the table up to fp32 rounding of W + delta (|delta| up to ~10 here): atol 1e-5
+        assert torch.allclose(ours.model.embed_tokens.weight, table, atol=1e-5)
+        merge_and_unload(ours)
+        assert (ours(x) - expected).abs().max() < 1e-4
