@@ -102,7 +102,7 @@ def table(prompts, before, after, width=112, max_lines=4):
             for p, b, a in zip(prompts, before, after)]
     head = ["prompt", *(["expected"] if has_expected else []), "base model", "fine-tuned"]
     # the prompt and expected columns as wide as their text (up to a cap); answers share the rest
-    widths = [min(28, max(len(r[0]) for r in rows))] + ([min(14, max(6, *(len(r[1]) for r in rows)))] if has_expected else [])
+    widths = [min(28, max(6, *(len(r[0]) for r in rows)))] + ([min(14, max(8, *(len(r[1]) for r in rows)))] if has_expected else [])
     rest = max(20, (width - sum(widths) - 3 * len(head) - 1) // 2)
     widths += [rest, rest]
 
@@ -261,21 +261,21 @@ class Observer:
     stops them all the same way."""
 
     def __init__(self, cfg, out, tokenizer, rank=0):
-        self.out, self.tokenizer, self.active = Path(out), tokenizer, rank == 0
+        self.cfg, self.out, self.tokenizer, self.active = cfg, Path(out), tokenizer, rank == 0
         self.prompts = read_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
-        self.prompts_path, self.title = cfg.eval_prompts, f"{cfg.output_dir}: {cfg.model_path}"
-        wandb = import_wandb() if cfg.wandb_project else None  # every rank: a missing package stops all
-        self.wandb = None
-        if wandb and self.active:
-            from dataclasses import asdict
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg), dir=cfg.output_dir)
-        self.records, self.before = [], None
+        if cfg.wandb_project:
+            import_wandb()  # on every rank: a missing package stops them all, before anything is loaded
+        self.wandb, self.records, self.before, self.last = None, [], None, None
 
     def start(self, model, step):
-        """The base model's answers (adapters off), written as step 0 unless resuming; the
-        records of a resumed run so far, for the curve."""
+        """Once output_dir exists: wandb's run (with the config), the records of a resumed run so
+        far (for the curve), and the base model's answers (adapters off), as step 0 of samples.jsonl."""
         if not self.active:
             return
+        if self.cfg.wandb_project:
+            from dataclasses import asdict
+            self.wandb = import_wandb().init(project=self.cfg.wandb_project, name=self.cfg.wandb_run_name,
+                                             config=asdict(self.cfg), dir=self.out)
         self.records = [r for r in read_metrics(self.out) if r["step"] <= step]
         if not self.prompts:
             return
@@ -299,7 +299,7 @@ class Observer:
             self.draw()
 
     def draw(self):
-        write_atomic(self.out / "loss.svg", loss_svg(self.records, self.title))
+        write_atomic(self.out / "loss.svg", loss_svg(self.records, f"{self.cfg.output_dir}: {self.cfg.model_path}"))
 
     def sample(self, model, step):
         """Answers to the eval prompts now, appended to samples.jsonl; {"eval_right": n} to log
@@ -320,7 +320,7 @@ class Observer:
             return
         self.draw()
         if self.prompts:
-            print(f"\nbefore/after on {self.prompts_path} (greedy, at most {MAX_NEW_TOKENS} new tokens; all in "
+            print(f"\nbefore/after on {self.cfg.eval_prompts} (greedy, at most {MAX_NEW_TOKENS} new tokens; all in "
                   f"{self.out / 'samples.jsonl'}):\n" + table(self.prompts, self.before, self.last))
             right_before, checkable = count_right(self.prompts, self.before)
             right_after, _ = count_right(self.prompts, self.last)
