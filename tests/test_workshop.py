@@ -213,3 +213,176 @@ def test_wandb_offline_gets_the_records_and_the_config(tiny_checkpoint, tmp_path
         [{k: v for k, v in r.items() if k != "step"} for r in metrics]
     assert history[-1]["before_after/_type"] == "table-file" and history[-1]["before_after/nrows"] == 1
     assert {k: v for k, v in config_items.items() if not k.startswith("_")} == vars(cfg)  # the whole TrainConfig
+
+
+# --- the exercises of WORKSHOP.md: each claim, checked --------------------------------------------
+
+def test_ex1_a_fresh_adapter_changes_nothing_and_the_update_has_rank_r():
+    import torch.nn as nn
+
+    from lora import LoRALinear
+
+    base = nn.Linear(64, 32, bias=False)
+    layer = LoRALinear(base)
+    layer.add_adapter("default", r=4, alpha=8)
+    layer.active = "default"
+    x = torch.randn(5, 64)
+    assert torch.equal(layer(x), base(x))  # B = 0: exactly the base layer
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    delta = layer.delta_weight("default")
+    assert delta.shape == (32, 64) and torch.linalg.matrix_rank(delta) == 4
+    assert torch.allclose(layer(x), x @ (base.weight + delta).T, atol=1e-6)
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) - base.weight.numel() == 4 * (64 + 32)
+
+
+def test_ex3_a_larger_alpha_over_r_learns_faster(tiny_checkpoint, tmp_path):
+    # same steps: scale alpha/r = 2 ends far lower than 1/8, and so does rank 1 at scale 2
+    def final_loss(r, alpha):
+        out = tmp_path / f"r{r}-a{alpha}"
+        train.train(config(tiny_checkpoint, tmp_path, lora_r=r, lora_alpha=alpha, num_epochs=4, output_dir=str(out)))
+        return [m["loss"] for m in jsonl(out / "metrics.jsonl")]
+
+    big, small, rank1 = final_loss(8, 16), final_loss(8, 1), final_loss(1, 2)
+    assert big[0] == small[0] == rank1[0]  # the first step's loss is the base model's
+    assert big[-1] < 0.5 * small[-1] and rank1[-1] < small[-1]
+
+
+def uniform_4bit(w, blocksize=64):
+    """The plain alternative to NF4: same blocks and absmax, 16 evenly spaced levels in [-1, 1]."""
+    blocks = w.reshape(-1, blocksize)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    levels = torch.linspace(-1, 1, 16)
+    idx = ((blocks / absmax)[..., None] - levels).abs().argmin(-1)
+    return (levels[idx] * absmax).reshape(w.shape)
+
+
+def test_ex4_nf4_error_is_below_a_uniform_4bit_grid(smollm2):
+    # RMS error of NF4 against a uniform 16-level grid (same blocks of 64, same absmax): under
+    # 0.95x on normal weights, under 0.9x on a real SmolLM2 weight (its values crowd near zero)
+    from safetensors import safe_open
+
+    from quant import dequantize_nf4, quantize_nf4
+
+    rms = lambda e: e.pow(2).mean().sqrt().item()
+    with safe_open(smollm2 / "model.safetensors", "pt") as f:
+        w_real = f.get_tensor("model.layers.0.self_attn.q_proj.weight").float()
+    for w, ratio in ((torch.randn(576, 576), 0.95), (w_real, 0.9)):
+        nf4 = dequantize_nf4(quantize_nf4(w, double_quant=False))
+        assert rms(w - nf4) < ratio * rms(w - uniform_4bit(w))
+
+
+def test_ex5_qlora_stores_block_linears_in_4_127_bits():
+    # memory_report of LoRA over an fp32 base and over NF4: the NF4 buffers of the block linears
+    # take 4.127/32 of their fp32 bytes (plus one 4-byte offset per layer); LoRA's bytes are the same
+    from conftest import tiny_config
+    from lora import apply_lora
+    from model import Transformer
+    from quant import memory_report, quantize_model
+
+    reports = []
+    for quantize in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(tiny_config(hidden_size=256, intermediate_size=512, vocab_size=128))
+        if quantize:
+            quantize_model(model)
+        apply_lora(model, r=16, alpha=32, target_modules="all-linear", verbose=False)
+        reports.append(memory_report(model))
+    fp32, nf4 = reports
+    linear_params = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "dequantize"))
+    n_layers = sum(1 for m in model.modules() if hasattr(m, "dequantize"))
+    assert nf4["base"]["nf4"] == linear_params * 4.125 / 8 + linear_params / 64 / 256 * 4 + 4 * n_layers
+    assert fp32["base_bytes"] - nf4["base_bytes"] + nf4["base"]["nf4"] == linear_params * 4
+    assert fp32["trainable_bytes"] == nf4["trainable_bytes"]
+
+
+def mask_end_of_turn(tokenize):
+    """data.tokenize, except that the end-of-turn token is never learned (the classic bug)."""
+    def tokenize_without_eot(record, tokenizer, where, train_on_inputs=False):
+        ids, labels = tokenize(record, tokenizer, where, train_on_inputs)
+        return ids, [data.IGNORE if t in tokenizer.eos_ids else l for t, l in zip(ids, labels)]
+    return tokenize_without_eot
+
+
+def test_ex6_only_the_reply_and_its_end_of_turn_are_learned(smollm2):
+    tok = Tokenizer(smollm2)
+    record = {"messages": [{"role": "user", "content": "Capital of Brannock?"}, {"role": "assistant", "content": "Saltmere."}]}
+    ids, labels = data.tokenize(record, tok, "example")
+    learned = [i for i, l in zip(ids, labels) if l != data.IGNORE]
+    assert tok.tok.decode(learned, skip_special_tokens=False) == "Saltmere.<|im_end|>"
+    assert ids[-len(learned) - 1:] == tok.encode("\n", bos=False)[:0] + ids[-len(learned) - 1:]  # one run, at the end
+    ids, labels = mask_end_of_turn(data.tokenize)(record, tok, "example")
+    assert tok.tok.decode([i for i, l in zip(ids, labels) if l != data.IGNORE]) == "Saltmere."
+
+
+def test_ex6_without_the_end_of_turn_the_model_does_not_stop(tiny_checkpoint, tmp_path, monkeypatch):
+    # trained as usual, the tiny model ends its reply (p(end of turn) > 0.5 after it); with the
+    # end of turn masked it keeps going to the token limit, p(end of turn) < 0.05
+    from generate import generate
+
+    def run(name):
+        model = train.train(config(tiny_checkpoint, tmp_path, num_epochs=20, output_dir=str(tmp_path / name)))
+        tok = Tokenizer(tiny_checkpoint)
+        model.eval()
+        prompt = observe.prompt_ids(tok, "w0 w1")
+        reply = tok.encode("w20 w40 w60", bos=False)
+        with torch.no_grad():
+            p_end = model(torch.tensor([prompt + reply]))[0, -1].softmax(-1)[tok.token_id("<|im_end|>")].item()
+        return p_end, list(generate(model, prompt, 20, eos_ids=tok.eos_ids))
+
+    p_end, tokens = run("usual")
+    assert p_end > 0.5 and len(tokens) == 4 and tokens[-1] in Tokenizer(tiny_checkpoint).eos_ids
+    monkeypatch.setattr(data, "tokenize", mask_end_of_turn(data.tokenize))
+    p_end, tokens = run("no_eot")
+    assert p_end < 0.05 and len(tokens) == 20  # it never ended its turn
+
+
+def test_ex7_merged_logits_equal_adapter_logits():
+    # fp32: merge_and_unload's plain model gives the adapter model's logits within 1e-5
+    from conftest import tiny_config
+    from lora import apply_lora, lora_layers, merge_and_unload
+    from model import Transformer
+
+    model = Transformer(tiny_config()).eval()
+    apply_lora(model, r=8, alpha=16, target_modules="all-linear", verbose=False)
+    for _, m in lora_layers(model):
+        torch.nn.init.normal_(m.lora_B["default"].weight, std=0.05)  # as if trained
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        with_adapter = model(x)
+        merged = merge_and_unload(model)(x)
+    assert not lora_layers(model) and (merged - with_adapter).abs().max() < 1e-5
+    assert (with_adapter - Transformer(tiny_config())(x)).abs().max() > 1e-2  # the adapter does change them
+
+
+def test_ex8_each_breakage_is_caught_by_the_test_named_for_it(smollm2, monkeypatch):
+    # WORKSHOP.md's "break it, then find it": each edit, made here by monkeypatching, fails its test
+    import test_data
+    import test_lora
+    import test_model
+
+    import lora
+    import model as model_py
+
+    breakages = []
+
+    add_adapter = lora.LoRALinear.add_adapter  # 1. B starts random, like A
+    def add_adapter_random_b(self, name, *a, **k):
+        add_adapter(self, name, *a, **k)
+        torch.nn.init.kaiming_uniform_(self.lora_B[name].weight, a=5 ** 0.5)
+    breakages.append((lora.LoRALinear, "add_adapter", add_adapter_random_b,
+                      lambda: test_lora.test_fresh_adapter_is_the_base_model_exactly("all-linear")))
+    # 2. the end of turn not learned
+    expected = [["Paris." + test_data.END], ["Red." + test_data.END, "Blue, or yellow." + test_data.END],
+                ["Merci, et voilà ☺" + test_data.END]]
+    breakages.append((data, "tokenize", mask_end_of_turn(data.tokenize),
+                      lambda: test_data.test_only_replies_and_their_end_of_turn_are_learned(
+                          Tokenizer(smollm2), "messages.jsonl", expected)))
+    rotate_half = model_py.rotate_half  # 3. rotary embeddings turning the wrong way
+    breakages.append((model_py, "rotate_half", lambda x: -rotate_half(x),
+                      test_model.test_rope_is_a_rotation_of_pairs_i_and_i_plus_half))
+    for owner, name, broken, check in breakages:
+        check()  # passes as the code is
+        monkeypatch.setattr(owner, name, broken)
+        with pytest.raises(AssertionError):
+            check()
+        monkeypatch.undo()
