@@ -24,9 +24,12 @@ import math
 import os
 import sys
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
 import data
+from generate import generate
+from lora import disable_adapters
 from model import InputError
 
 MAX_NEW_TOKENS = 64  # per sampled answer: enough for a sentence, and shows a model that never stops
@@ -60,8 +63,6 @@ def prompt_ids(tokenizer, prompt):
 
 def answer(model, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKENS):
     """The model's greedy reply to one prompt, without its end-of-turn token."""
-    from generate import generate
-
     tokens = [t for t in generate(model, prompt_ids(tokenizer, prompt), max_new_tokens, eos_ids=tokenizer.eos_ids)
               if t not in tokenizer.eos_ids]
     return tokenizer.decode(tokens).strip()
@@ -273,13 +274,11 @@ class Observer:
         if not self.active:
             return
         if self.cfg.wandb_project:
-            from dataclasses import asdict
             self.wandb = import_wandb().init(project=self.cfg.wandb_project, name=self.cfg.wandb_run_name,
                                              config=asdict(self.cfg), dir=self.out)
         self.records = [r for r in read_metrics(self.out) if r["step"] <= step]
         if not self.prompts:
             return
-        from lora import disable_adapters
         with disable_adapters(model):
             self.before = answers(model, self.tokenizer, self.prompts)
         path = self.out / "samples.jsonl"
@@ -328,10 +327,9 @@ class Observer:
                 print(f"right: base model {right_before}/{checkable}, fine-tuned (step {step}) {right_after}/{checkable}")
         if self.wandb:
             if self.prompts:
-                import wandb
                 columns = ["prompt", "expected", "base model", "fine-tuned"]
                 rows = [[p["prompt"], p["expected"], b, a] for p, b, a in zip(self.prompts, self.before, self.last)]
-                self.wandb.log({"before_after": wandb.Table(columns=columns, data=rows)}, step=step)
+                self.wandb.log({"before_after": import_wandb().Table(columns=columns, data=rows)}, step=step)
             self.wandb.finish()
         print(f"loss curve: {self.out / 'loss.svg'}")
 

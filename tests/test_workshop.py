@@ -386,3 +386,67 @@ def test_ex8_each_breakage_is_caught_by_the_test_named_for_it(smollm2, monkeypat
         with pytest.raises(AssertionError):
             check()
         monkeypatch.undo()
+
+
+# --- WORKSHOP.md and workshop.ipynb --------------------------------------------------------------
+
+SAME_OUTPUT = "same-output-as-WORKSHOP.md"  # the notebook cells whose output WORKSHOP.md shows
+
+
+def workshop_blocks():
+    """{code: output} of WORKSHOP.md: each ```python block and the ```text block right after it."""
+    text = (ROOT / "WORKSHOP.md").read_text()
+    return {code.strip(): out for code, out in re.findall(r"```python\n(.*?)```\n\n```text\n(.*?)```", text, re.S)}
+
+
+def test_workshop_names_real_flags_functions_and_tests():
+    # what WORKSHOP.md tells people to run or read exists: train.py flags parse, `module.name`s
+    # resolve, tests/test_x.py::name are test functions
+    import importlib
+    import shlex
+
+    text = (ROOT / "WORKSHOP.md").read_text()
+    commands = re.findall(r"^python train.py (.*)$", text, re.M)
+    assert len(commands) == 5
+    for args in commands:
+        train.parse_args(shlex.split(args))
+    names = {n for n in re.findall(r"`((?:data|lora|model|observe|quant|train)\.[A-Za-z_][A-Za-z_.]*)`", text)
+             if not n.endswith(".py")}
+    assert len(names) >= 10
+    for name in names:
+        obj = importlib.import_module(name.split(".")[0])
+        for part in name.split(".")[1:]:
+            obj = getattr(obj, part)
+    for module, test in re.findall(r"tests/(test_\w+)\.py::(\w+)", text):
+        assert callable(getattr(importlib.import_module(module), test))
+
+
+def test_notebook_cells_with_shown_outputs_are_workshop_snippets():
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(ROOT / "workshop.ipynb", as_version=4)
+    marked = [c.source.strip() for c in nb.cells if SAME_OUTPUT in c.metadata.get("tags", [])]
+    assert len(marked) == 4 and set(marked) <= set(workshop_blocks())
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stored without outputs
+
+
+def test_notebook_runs_top_to_bottom(smollm2, monkeypatch):
+    # every cell, in order, in a fresh kernel, with 2 optimizer steps per run (WORKSHOP_STEPS); the
+    # cells marked SAME_OUTPUT print exactly what WORKSHOP.md shows under the same code
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("ipykernel")
+    monkeypatch.setenv("WORKSHOP_STEPS", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.read(ROOT / "workshop.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    shown = workshop_blocks()
+    for cell in nb.cells:
+        if SAME_OUTPUT in cell.metadata.get("tags", []):
+            printed = "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout")
+            assert printed.rstrip("\n") == shown[cell.source.strip()].rstrip("\n")
+    out = ROOT / "out" / "notebook"
+    assert [s["step"] for s in jsonl(out / "lora" / "samples.jsonl")] == [0] * 7 + [2] * 7
+    for svg in (out / "lora" / "loss.svg", out / "sweep.svg"):
+        ET.parse(svg)
+    last = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+    assert re.search(r"\b\d+ passed\b", last) and "failed" not in last
