@@ -95,8 +95,9 @@ def sample_records(step, prompts, replies):
 
 
 def table(prompts, before, after, width=112, max_lines=4):
-    """A plain-text table, one row per prompt: prompt | expected | base model | fine-tuned.
-    Cells wrap; long answers are cut after max_lines lines (samples.jsonl has them whole)."""
+    """A plain-text table, one row per prompt: prompt | expected | base model | fine-tuned, each
+    answer marked [right] or [wrong] when there is an expected text. Cells wrap; long answers are
+    cut after max_lines lines, their mark with them (samples.jsonl has them whole)."""
     has_expected = any(p["expected"] is not None for p in prompts)
     mark = lambda r, e: r + (" [right]" if is_right(r, e) else " [wrong]") if e is not None else r
     rows = [[p["prompt"], *([p["expected"] or ""] if has_expected else []), mark(b, p["expected"]), mark(a, p["expected"])]
