@@ -168,6 +168,24 @@ def test_missing_wandb_is_one_line_saying_how_to_install(tiny_checkpoint, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_under_torchrun_only_rank_0_samples_and_logs(tiny_checkpoint, tmp_path):
+    # 2 processes (gloo): one samples.jsonl with each prompt once per evaluation, one wandb run,
+    # one table printed; rank 1 waits at the next collective while rank 0 generates
+    pytest.importorskip("wandb")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "w0 w1", "expected": "w20 w40 w60"}])
+    cfg = config(tiny_checkpoint, tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "train.py",
+                        "--model_path", cfg.model_path, "--data_path", cfg.data_path, "--output_dir", cfg.output_dir,
+                        "--micro_batch_size", "2", "--effective_batch_size", "4", "--num_epochs", "2", "--eval_every", "2",
+                        "--save_every", "0", "--eval_prompts", str(prompts), "--wandb_project", "p"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [s["step"] for s in jsonl(tmp_path / "out" / "samples.jsonl")] == [0, 2, 4]
+    assert len(list((tmp_path / "out" / "wandb").glob("offline-run-*"))) == 1
+    assert r.stdout.count("before/after on") == 1
+
+
 def wandb_records(path):
     """The protobuf records of a .wandb file: a LevelDB-style log of 32 KiB blocks after a 7-byte
     header; each piece has a 7-byte header (crc32, length, type: 1 whole, 2 first, 3 middle, 4 last)."""
