@@ -87,7 +87,7 @@ class TrainConfig:
     eval_prompts: str = flag(None, 'JSONL of {"prompt", "expected"}: greedy answers at each evaluation into '
                              "samples.jsonl, a before/after table at the end")
     wandb_project: str = flag(None, "also log metrics.jsonl's records to this Weights & Biases project (pip install wandb)")
-    wandb_run_name: str = flag(None, "the run's name on Weights & Biases (default: one it makes up)")
+    wandb_run_name: str = flag(None, "the run's name on Weights & Biases (None: one it makes up)")
 
 
 # Settings that do not change what a run computes: --resume may be given new values for these.
