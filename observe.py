@@ -182,17 +182,20 @@ def svg_chart(series, title, xlabel, ylabel, width=720, height=420):
         svg.append(f'<polyline points="{path}" fill="none" stroke="{s["color"]}" {style}/>')
         if s.get("dots"):
             svg += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{s["color"]}"/>' for x, y in s["points"]]
-    # the legend, top right on a white box: a line (and a dot) per series
-    box_w = 40 + 6.6 * max((len(s["label"]) for s in series), default=0)
-    x0, y0 = width - right - box_w - 8, top + 8
-    svg.append(f'<rect x="{x0:.1f}" y="{y0}" width="{box_w:.1f}" height="{16 * len(series) + 8}" fill="white" fill-opacity="0.85" stroke="#ccc"/>')
+    # the legend on a white box, a line (and a dot) per series: top right, or bottom left if
+    # fewer points fall there (a loss falls from top left to bottom right, but not always)
+    box_w, box_h = 40 + 6.6 * max((len(s["label"]) for s in series), default=0), 16 * len(series) + 8
+    corners = [(width - right - box_w - 8, top + 8), (left + 8, height - bottom - box_h - 8)]
+    inside = lambda x0, y0: sum(x0 <= X(x) <= x0 + box_w and y0 <= Y(y) <= y0 + box_h for x, y in pts)
+    x0, y0 = min(corners, key=lambda c: inside(*c))
+    svg.append(f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{box_w:.1f}" height="{box_h}" fill="white" fill-opacity="0.85" stroke="#ccc"/>')
     for i, s in enumerate(series):
         y = y0 + 16 + 16 * i
         style = 'stroke-width="1" stroke-opacity="0.35"' if s.get("faint") else 'stroke-width="2"'
-        svg.append(f'<line x1="{x0 + 8:.1f}" y1="{y - 4}" x2="{x0 + 30:.1f}" y2="{y - 4}" stroke="{s["color"]}" {style}/>')
+        svg.append(f'<line x1="{x0 + 8:.1f}" y1="{y - 4:.1f}" x2="{x0 + 30:.1f}" y2="{y - 4:.1f}" stroke="{s["color"]}" {style}/>')
         if s.get("dots"):
-            svg.append(f'<circle cx="{x0 + 19:.1f}" cy="{y - 4}" r="3" fill="{s["color"]}"/>')
-        svg.append(f'<text x="{x0 + 36:.1f}" y="{y}">{e(s["label"])}</text>')
+            svg.append(f'<circle cx="{x0 + 19:.1f}" cy="{y - 4:.1f}" r="3" fill="{s["color"]}"/>')
+        svg.append(f'<text x="{x0 + 36:.1f}" y="{y:.1f}">{e(s["label"])}</text>')
     return "\n".join(svg + ["</svg>"]) + "\n"
 
 
