@@ -33,6 +33,7 @@ from hub import DEFAULT_MODEL, resolve_checkpoint
 from lora import apply_lora, load_adapter_weights, save_adapter
 from loss import CausalLMLoss, fused_loss_applies
 from model import InputError, Transformer, default_device, default_dtype, exit_on_input_error, written_atomically
+from observe import Observer
 from tokenizer import TEMPLATES, Tokenizer
 
 
@@ -86,11 +87,15 @@ class TrainConfig:
     keep_checkpoints: int = flag(1, "how many of the newest checkpoints to keep; 0: all")
     log_every: int = flag(1, "steps between lines of metrics.jsonl")
     resume: bool = flag(False, "continue the run in output_dir, with its own settings")
+    eval_prompts: str = flag(None, 'JSONL of {"prompt", "expected"}: greedy answers at each evaluation into '
+                             "samples.jsonl, a before/after table at the end")
+    wandb_project: str = flag(None, "also log metrics.jsonl's records to this Weights & Biases project (pip install wandb)")
+    wandb_run_name: str = flag(None, "the run's name on Weights & Biases (None: one it makes up)")
 
 
 # Settings that do not change what a run computes: --resume may be given new values for these.
 BOOKKEEPING = {"eval_every", "save_every", "keep_checkpoints", "log_every", "gradient_checkpointing", "output_dir",
-               "resume"}
+               "resume", "eval_prompts", "wandb_project", "wandb_run_name"}
 
 
 def parse_args(argv=None):
@@ -440,6 +445,7 @@ def train(cfg, rank=0, world=1, device="cpu"):
     path = resolve_checkpoint(cfg.model_path)
     tokenizer = Tokenizer(path, template=cfg.chat_template)
     rows, eval_rows = load_data(cfg, tokenizer, say)
+    observer = Observer(cfg, out, tokenizer, rank)  # samples, loss.svg, wandb: what the run shows (rank 0)
     steps_per_epoch = data.steps_per_epoch(len(rows), cfg.effective_batch_size)
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
     save_every = cfg.save_every if cfg.save_every is not None else math.ceil(total_steps / 10)
@@ -457,6 +463,7 @@ def train(cfg, rank=0, world=1, device="cpu"):
         say(f"resumed from {resume_from} (step {step})")
     if rank == 0:
         start_output(out, cfg, step)
+    observer.start(model, step)
 
     t_start = time.perf_counter()
     with catch_signals() as stop, tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train") as bar:
@@ -491,14 +498,19 @@ def train(cfg, rank=0, world=1, device="cpu"):
                           elapsed_s=round(time.perf_counter() - t_start, 2))
 
             # evaluate: every eval_every steps and at the end
-            if eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+            at_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps
+            if eval_rows and at_eval:
                 eval_loss, ppl = evaluate(loss_fn, eval_rows, tokenizer.pad_id, cfg.micro_batch_size,
                                           device, rank, world)
                 record.update(eval_loss=round(eval_loss, 6), eval_ppl=round(ppl, 4))
                 say(f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
-            if rank == 0 and (step % cfg.log_every == 0 or step == total_steps or "eval_loss" in record):
+            if at_eval:
+                record.update(observer.sample(model, step))  # answers to --eval_prompts: {"eval_right": n}
+            if rank == 0 and (step % cfg.log_every == 0 or step == total_steps or "eval_loss" in record
+                              or "eval_right" in record):
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+                observer.log(record)
 
             # checkpoint: every save_every steps, and when Ctrl-C / SIGTERM reached any rank
             interrupted = all_sum(torch.tensor(float(stop["signal"] is not None), device=device), world).item() > 0
@@ -515,6 +527,7 @@ def train(cfg, rank=0, world=1, device="cpu"):
     if rank == 0:
         save_adapter(model, out, base_model_name_or_path=cfg.model_path)
         say(f"adapter saved to {out} ({step} steps, {time.perf_counter() - t_start:.0f} s)")
+        observer.finish(step)
     if world > 1:
         dist.barrier()  # no rank tears the process group down while rank 0 still writes
     return model
