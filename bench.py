@@ -169,8 +169,8 @@ def train_worker(args):
 
         model = our_model(args, dtype, quantize="nf4" if args.qlora else None)
         apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0, target_modules="all-linear", verbose=False)
-        model.gradient_checkpointing = args.gradient_checkpointing
-        loss_fn = CausalLMLoss(model).train()
+        model.enable_gradient_checkpointing(args.gradient_checkpointing)
+        loss_fn = CausalLMLoss(model, fused=True).train()
         vocab = model.config.vocab_size
 
         def loss_of(ids):

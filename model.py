@@ -237,7 +237,13 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self.gradient_checkpointing = False  # recompute each block in backward (train.py sets it)
+        self.gradient_checkpointing = False  # see enable_gradient_checkpointing
+
+    def enable_gradient_checkpointing(self, on=True):
+        """In training, keep only each block's input and recompute the block in backward: activation
+        memory of one block instead of all, for about one more forward pass of compute."""
+        self.gradient_checkpointing = on
+        return self
 
     def hidden(self, input_ids, position_ids=None, doc_ids=None, start=0):
         """Final hidden states (B, T, C) after the last norm.

@@ -8,6 +8,7 @@
 One optimizer step sees `effective_batch_size` rows: micro batches of `micro_batch_size` on each
 of the world's processes, accumulated. The loss is the mean over every trained token of the
 step, whatever the split, so 1 process x 4 micro batches and 4 processes x 1 give the same step.
+Ctrl-C or SIGTERM finishes the step, saves a checkpoint and exits with 130 or 143.
 """
 import argparse
 import json
@@ -17,71 +18,102 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from itertools import chain
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+from data import IGNORE
 from lora import apply_lora, load_adapter_weights, save_adapter
 from model import InputError, Transformer, resolve_checkpoint
 from tokenizer import TEMPLATES, Tokenizer
 
 
+def flag(default, help, choices=None):
+    """A TrainConfig field; `help` is what `python train.py --help` shows beside --name."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class TrainConfig:
-    model_path: str = field(default="HuggingFaceTB/SmolLM2-135M-Instruct", metadata={"help": "checkpoint folder or hub id"})
-    data_path: str = field(default="data/brannock_chat.jsonl", metadata={"help": "training JSONL (messages, ShareGPT, Alpaca or text)"})
-    eval_data_path: str = field(default=None, metadata={"help": "evaluation JSONL"})
-    eval_split: float = field(default=0.0, metadata={"help": "or hold out this fraction of the training rows"})
-    output_dir: str = field(default="out/lora", metadata={"help": "adapter, checkpoints/ and metrics.jsonl go here"})
-    lora_r: int = field(default=16, metadata={"help": "rank of A (r, in) and B (out, r)"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "scaling = alpha / r (usually alpha = 2r)"})
-    lora_dropout: float = 0.05
-    use_rslora: bool = field(default=False, metadata={"help": "scaling = alpha / sqrt(r)"})
-    target_modules: str = field(default="all-linear", metadata={"help": "comma-separated (q_proj,v_proj,...; lm_head too) or all-linear (the blocks' linears)"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: NF4-quantize the frozen base"})
-    num_epochs: int = 5
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0: num_epochs worth"})
-    micro_batch_size: int = field(default=4, metadata={"help": "rows per forward pass, per process"})
-    effective_batch_size: int = field(default=8, metadata={"help": "rows per optimizer step, all processes"})
-    learning_rate: float = 5e-4
-    warmup_steps: int = 5
-    lr_scheduler: str = field(default="cosine", metadata={"choices": ("cosine", "linear", "constant")})
-    weight_decay: float = 0.0
-    max_grad_norm: float = field(default=1.0, metadata={"help": "0: no clipping"})
-    max_seq_len: int = field(default=512, metadata={"help": "longer examples are truncated (and counted)"})
-    sample_packing: bool = field(default=False, metadata={"help": "pack several examples per row"})
-    train_on_inputs: bool = field(default=False, metadata={"help": "learn prompts too, not only replies"})
-    chat_template: str = field(default=None, metadata={"choices": TEMPLATES, "help": "override the detected template"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward: less memory"})
-    optimizer: str = field(default="adamw", metadata={"choices": ("adamw", "adamw8bit", "paged_adamw8bit")})
-    precision: str = field(default=None, metadata={"choices": ("bf16", "fp32"), "help": "default: bf16 on CUDA, fp32 on CPU"})
-    eval_every: int = field(default=0, metadata={"help": "steps between evaluations; 0: at the end only"})
-    save_every: int = field(default=50, metadata={"help": "steps between checkpoints; 0: none"})
-    log_every: int = 1
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in output_dir"})
-    seed: int = 42
-    enable_model_splitting: bool = field(default=False, metadata={"help": "spread layers over the visible GPUs (one process)"})
+    # what to train, on what, and where the results go
+    model_path: str = flag("HuggingFaceTB/SmolLM2-135M-Instruct", "checkpoint folder or hub id")
+    data_path: str = flag("data/brannock_chat.jsonl", "training JSONL (messages, ShareGPT, Alpaca or text)")
+    eval_data_path: str = flag(None, "evaluation JSONL")
+    eval_split: float = flag(0.0, "or hold out this fraction of the training rows")
+    output_dir: str = flag("out/lora", "adapter, checkpoints/, train_config.json, metrics.jsonl")
+    # the adapter
+    lora_r: int = flag(16, "rank of A (r, in) and B (out, r)")
+    lora_alpha: float = flag(32.0, "scaling = alpha / r (usually alpha = 2r)")
+    lora_dropout: float = flag(0.05, "dropout on the adapter's input")
+    use_rslora: bool = flag(False, "scaling = alpha / sqrt(r)")
+    target_modules: str = flag("all-linear", "all-linear (the blocks' linears) or q_proj,v_proj,... (lm_head too)")
+    load_in_4bit: bool = flag(False, "QLoRA: NF4-quantize the frozen base")
+    # the schedule
+    num_epochs: int = flag(5, "passes over the training rows")
+    max_steps: int = flag(0, "optimizer steps; 0: num_epochs worth")
+    micro_batch_size: int = flag(4, "rows per forward pass, per process")
+    effective_batch_size: int = flag(8, "rows per optimizer step, all processes together")
+    learning_rate: float = flag(5e-4, "peak learning rate")
+    warmup_steps: int = flag(5, "linear warmup from 0")
+    lr_scheduler: str = flag("cosine", "decay after warmup", ("cosine", "linear", "constant"))
+    weight_decay: float = flag(0.0, "AdamW's decoupled weight decay")
+    max_grad_norm: float = flag(1.0, "clip the gradient norm; 0: no clipping")
+    optimizer: str = flag("adamw", "8-bit states need bitsandbytes", ("adamw", "adamw8bit", "paged_adamw8bit"))
+    seed: int = flag(42, "LoRA init, dropout and the order of rows")
+    # the rows
+    max_seq_len: int = flag(512, "longer examples are truncated (and counted)")
+    sample_packing: bool = flag(False, "pack several examples per row")
+    train_on_inputs: bool = flag(False, "learn prompts too, not only replies")
+    chat_template: str = flag(None, "override the detected template", TEMPLATES)
+    # how it is computed
+    precision: str = flag(None, "default: bf16 on CUDA, fp32 on CPU", ("bf16", "fp32"))
+    loss: str = flag("fused", "plain: logits, then cross_entropy; fused: the same in chunks, no full logits "
+                     "(when lm_head has no adapter)", ("fused", "plain"))
+    gradient_checkpointing: bool = flag(False, "recompute blocks in backward: less memory")
+    enable_model_splitting: bool = flag(False, "spread layers over the visible GPUs (one process)")
+    # bookkeeping: may change when resuming
+    eval_every: int = flag(0, "steps between evaluations; 0: at the end only")
+    save_every: int = flag(50, "steps between checkpoints; 0: none")
+    log_every: int = flag(1, "steps between lines of metrics.jsonl")
+    resume: bool = flag(False, "continue the run in output_dir, with its own settings")
+
+
+# Settings that do not change what a run computes: --resume may be given new values for these.
+BOOKKEEPING = {"eval_every", "save_every", "log_every", "gradient_checkpointing", "output_dir", "resume"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """TrainConfig from the command line; with --resume, unset flags come from the run's train_config.json."""
+    # Defaults are suppressed so that `given` holds only the flags actually typed.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
     for f in fields(TrainConfig):
-        kw = {"help": f.metadata.get("help", "") + f" (default: {f.default})"}
+        kw = {"help": f"{f.metadata['help']} (default: {f.default})"}
         if f.type is bool:
             p.add_argument(f"--{f.name}", action="store_true", **kw)
         else:
-            p.add_argument(f"--{f.name}", type=f.type, default=f.default, choices=f.metadata.get("choices"), **kw)
-    cfg = TrainConfig(**vars(p.parse_args(argv)))
-    checks = [("lora_r", cfg.lora_r > 0, "must be positive"), ("micro_batch_size", cfg.micro_batch_size > 0, "must be positive"),
-              ("max_seq_len", cfg.max_seq_len > 1, "must be at least 2"), ("learning_rate", cfg.learning_rate > 0, "must be positive"),
-              ("eval_split", 0 <= cfg.eval_split < 1, "must be in [0, 1)"), ("lora_dropout", 0 <= cfg.lora_dropout < 1, "must be in [0, 1)"),
+            p.add_argument(f"--{f.name}", type=f.type, choices=f.metadata["choices"], **kw)
+    given = vars(p.parse_args(argv))
+    saved = {}
+    if given.get("resume"):
+        try:
+            saved = read_run_config(Path(given.get("output_dir", TrainConfig.output_dir)))
+        except InputError as e:
+            p.error(str(e))
+    cfg = TrainConfig(**{**saved, **given})
+    checks = [("lora_r", cfg.lora_r > 0, "must be positive"),
+              ("micro_batch_size", cfg.micro_batch_size > 0, "must be positive"),
+              ("max_seq_len", cfg.max_seq_len > 1, "must be at least 2"),
+              ("learning_rate", cfg.learning_rate > 0, "must be positive"),
+              ("eval_split", 0 <= cfg.eval_split < 1, "must be in [0, 1)"),
+              ("lora_dropout", 0 <= cfg.lora_dropout < 1, "must be in [0, 1)"),
               ("num_epochs", cfg.num_epochs > 0 or cfg.max_steps > 0, "must be positive")]
     for name, ok, what in checks:
         if not ok:
@@ -91,25 +123,70 @@ def parse_args(argv=None):
     return cfg
 
 
-class CausalLMLoss(nn.Module):
-    """The training objective as one module, so DistributedDataParallel sees the whole forward."""
+def read_run_config(out):
+    """The TrainConfig fields a run in `out` was started with (its train_config.json)."""
+    path = out / "train_config.json"
+    if not path.exists():
+        raise InputError(f"--resume: no run to continue in {out} (no train_config.json)")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    names = {f.name for f in fields(TrainConfig)} - {"output_dir", "resume"}
+    return {k: v for k, v in saved.items() if k in names}
 
-    def __init__(self, model):
+
+def check_same_run(cfg, saved, say):
+    """--resume continues the run as it was started: a setting that changes it is refused."""
+    for name, was in saved.items():
+        now = getattr(cfg, name)
+        if now == was:
+            continue
+        if name not in BOOKKEEPING:
+            raise InputError(f"--{name} {now}: this run was started with {was} "
+                             f"({cfg.output_dir}/train_config.json); --resume continues the same run")
+        say(f"resume: --{name} {now} (was {was})")
+
+
+# --- the loss ----------------------------------------------------------------------------------
+
+def token_loss(logits, targets):
+    """The training objective: cross-entropy of each trained position's next token, summed.
+    logits (N, vocab), targets (N,). The loop divides by the step's count of trained tokens."""
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+class CausalLMLoss(nn.Module):
+    """model + token_loss as one module, so DistributedDataParallel sees the whole forward.
+
+    fused=True computes the same value and gradient with LinearCrossEntropy (no full logits);
+    it needs a frozen plain lm_head, and checks that it still equals token_loss."""
+
+    def __init__(self, model, fused=False):
         super().__init__()
         self.model = model
+        self.fused = fused
+        if fused:
+            if not fused_loss_applies(model):
+                raise ValueError("the fused loss needs a frozen nn.Linear lm_head")
+            check_fused_loss(model.lm_head.weight)
 
     def forward(self, input_ids, targets, position_ids, doc_ids):
         h = self.model.hidden(input_ids, position_ids, doc_ids)  # (B, T, C)
-        keep = targets != -100  # logits only where a token is trained (replies, not prompts)
+        keep = targets != IGNORE  # logits only where a token is trained (replies, not prompts)
         h, targets = h[keep], targets[keep]  # (N, C), (N,)
-        head = self.model.lm_head
-        if isinstance(head, nn.Linear) and not head.weight.requires_grad:
-            return LinearCrossEntropy.apply(h, head.weight, targets)
-        return nn.functional.cross_entropy(head(h).float(), targets, reduction="sum")
+        if self.fused:
+            return LinearCrossEntropy.apply(h, self.model.lm_head.weight, targets)
+        return token_loss(self.model.lm_head(h), targets)
+
+
+def fused_loss_applies(model):
+    """LinearCrossEntropy takes lm_head as one frozen matrix: not when lm_head has an adapter."""
+    return type(model.lm_head) is nn.Linear and not model.lm_head.weight.requires_grad
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i cross_entropy(h_i @ W.T, t_i) for a frozen W, a chunk of rows at a time.
+    """token_loss(h @ W.T, targets) for a frozen W, a chunk of rows at a time.
 
     The logits (N x vocab: 49k wide for SmolLM2, 128k for Llama 3) are the largest activation
     of training. Here the gradient w.r.t. h is computed in the forward pass chunk by chunk
@@ -121,7 +198,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         for i in range(0, len(h), chunk):
-            logits = (h[i:i + chunk] @ weight.T).float()  # (n, V), fp32 as the reference does
+            logits = (h[i:i + chunk] @ weight.T).float()  # (n, V), fp32 as token_loss does
             t = targets[i:i + chunk]
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
             # log-sum-exp by hand, exponentiating in place: the chunk's only (n, V) buffer
@@ -142,6 +219,23 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss.to(grad_h.dtype), None, None, None
 
 
+def check_fused_loss(weight, n=8):
+    """LinearCrossEntropy is derived by hand from token_loss: if token_loss is changed (label
+    smoothing, a z-loss...), they differ, and training must not go on with the old one."""
+    g = torch.Generator(device=weight.device).manual_seed(0)
+    h = torch.randn(n, weight.shape[1], generator=g, device=weight.device, dtype=weight.dtype, requires_grad=True)
+    t = torch.randint(0, weight.shape[0], (n,), generator=g, device=weight.device)
+    with torch.enable_grad():
+        plain, fused = token_loss(h @ weight.T, t), LinearCrossEntropy.apply(h, weight, t)
+        (g_plain,), (g_fused,) = torch.autograd.grad(plain, h), torch.autograd.grad(fused, h)
+    tol = 1e-2 if weight.dtype != torch.float32 else 1e-4  # bf16: 8 bits of mantissa
+    if not (torch.allclose(plain, fused, rtol=tol, atol=tol) and torch.allclose(g_plain, g_fused, rtol=tol, atol=tol)):
+        raise RuntimeError("LinearCrossEntropy no longer computes token_loss: change it to match, "
+                           "or train with --loss plain")
+
+
+# --- one optimizer step ------------------------------------------------------------------------
+
 def lr_at(step, cfg, total_steps):
     """Linear warmup, then cosine / linear decay to zero, or constant."""
     if step < cfg.warmup_steps:
@@ -157,6 +251,39 @@ def make_optimizer(cfg, params):
     import bitsandbytes as bnb  # 8-bit optimizer states: 2 bytes per parameter instead of 8
     opt = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
     return opt(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def forward_backward(loss_fn, micro, world=1):
+    """Accumulate in .grad the gradient of the step's loss: the sum over the trained tokens of all
+    micro batches (of all ranks) divided by their count. Returns that loss, a Python float."""
+    n_targets = all_sum(sum((b["targets"] != IGNORE).sum() for b in micro).float(), world)
+    loss_sum = 0.0
+    for i, b in enumerate(micro):
+        # DDP all-reduces gradients in backward: only the last micro batch of the step needs it
+        sync = i == len(micro) - 1 or world == 1
+        with loss_fn.no_sync() if not sync else nullcontext():
+            loss = loss_fn(b["input_ids"], b["targets"], b["position_ids"], b["doc_ids"])
+            (loss * world / n_targets).backward()  # DDP averages over ranks: * world makes it a sum
+        loss_sum += loss.detach()
+    return (all_sum(torch.as_tensor(loss_sum, dtype=torch.float32).clone(), world) / n_targets).item()
+
+
+def evaluate(loss_fn, rows, pad_id, micro_batch_size, device, rank, world):
+    """Mean loss per trained token over rows (sharded over ranks) and its perplexity."""
+    loss_fn.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for i in range(rank * micro_batch_size, len(rows), world * micro_batch_size):
+            b = batch_to(data.collate(rows[i:i + micro_batch_size], pad_id), device)
+            total[0] += loss_fn(b["input_ids"], b["targets"], b["position_ids"], b["doc_ids"]).double()
+            total[1] += (b["targets"] != IGNORE).sum()
+    loss_fn.train()
+    loss = (all_sum(total, world)[0] / total[1].clamp(min=1)).item()
+    return loss, math.exp(min(loss, 50))
+
+
+def batch_to(b, device):
+    return {k: v.to(device) if v is not None else None for k, v in b.items()}
 
 
 # --- checkpoints: safetensors for tensors, JSON for the rest, never pickle ---------------------
@@ -180,8 +307,9 @@ def save_checkpoint(out, model, optimizer, state):
 
 
 def latest_checkpoint(out):
-    steps = [(int(p.name.split("-")[1]), p) for p in (out / "checkpoints").glob("step-*") if p.name.split("-")[1].isdigit()]
-    return max(steps)[1] if steps else None
+    """The newest out/checkpoints/step-N (N as a number: step-10 is newer than step-9), or None."""
+    steps = {int(p.name[5:]): p for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit()}
+    return steps[max(steps)] if steps else None
 
 
 def load_checkpoint(path, model, optimizer):
@@ -221,7 +349,7 @@ def unflatten_optimizer(tensors, js):
     return {"state": state, "param_groups": js["param_groups"]}
 
 
-# --- the run -------------------------------------------------------------------------------
+# --- setup -------------------------------------------------------------------------------------
 
 def setup_distributed():
     """rank, world size, device: torchrun's environment if present, else one process."""
@@ -242,144 +370,186 @@ def all_sum(x, world):
     return x
 
 
-def evaluate(loss_fn, rows, pad_id, micro_batch_size, device, rank, world):
-    """Mean loss per trained token over rows (sharded over ranks) and its perplexity."""
-    loss_fn.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for i in range(rank * micro_batch_size, len(rows), world * micro_batch_size):
-            b = batch_to(data.collate(rows[i:i + micro_batch_size], pad_id), device)
-            total[0] += loss_fn(b["input_ids"], b["targets"], b["position_ids"], b["doc_ids"]).double()
-            total[1] += (b["targets"] != -100).sum()
-    loss_fn.train()
-    loss = (all_sum(total, world)[0] / total[1].clamp(min=1)).item()
-    return loss, math.exp(min(loss, 50))
-
-
-def batch_to(b, device):
-    return {k: v.to(device) if v is not None else None for k, v in b.items()}
-
-
-def train(cfg, rank=0, world=1, device="cpu"):
-    out = Path(cfg.output_dir)
-    torch.manual_seed(cfg.seed)
-    say = print if rank == 0 else (lambda *a, **k: None)
+def check_output_dir(cfg, out, world, say):
+    """The checkpoint to resume from (or None); an earlier run is never overwritten."""
     if cfg.effective_batch_size % (cfg.micro_batch_size * world):
         raise InputError(f"--effective_batch_size {cfg.effective_batch_size} is not a multiple of "
                          f"--micro_batch_size {cfg.micro_batch_size} x {world} processes")
-    resume_from = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and resume_from is None:
+    if not cfg.resume:
+        if latest_checkpoint(out) is not None or (out / "adapter_config.json").exists():
+            raise InputError(f"{out} holds an earlier run: pass --resume to continue it, "
+                             "or choose another --output_dir")
+        return None
+    check_same_run(cfg, read_run_config(out), say)
+    if (resume_from := latest_checkpoint(out)) is None:
         raise InputError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    if not cfg.resume and (latest_checkpoint(out) is not None or (out / "adapter_config.json").exists()):
-        raise InputError(f"{out} holds an earlier run: pass --resume to continue it, or choose another --output_dir")
+    return resume_from
 
-    # Data first: a bad file fails here, before anything is loaded or written.
-    path = resolve_checkpoint(cfg.model_path)
-    tokenizer = Tokenizer(path, template=cfg.chat_template)
+
+def load_data(cfg, tokenizer, say):
+    """Training rows and evaluation rows (maybe none)."""
     rows, stats = data.load_dataset(cfg.data_path, tokenizer, cfg.max_seq_len, cfg.train_on_inputs, cfg.sample_packing)
     eval_rows = []
     if cfg.eval_data_path:
-        eval_rows, _ = data.load_dataset(cfg.eval_data_path, tokenizer, cfg.max_seq_len, cfg.train_on_inputs, cfg.sample_packing)
+        eval_rows, _ = data.load_dataset(cfg.eval_data_path, tokenizer, cfg.max_seq_len, cfg.train_on_inputs,
+                                         cfg.sample_packing)
     elif cfg.eval_split:
         rows, eval_rows = data.split(rows, cfg.eval_split, cfg.seed)
     say(f"data: {data.describe(stats)}")
-    steps_per_epoch = data.steps_per_epoch(len(rows), cfg.effective_batch_size)
-    if steps_per_epoch == 0:
-        raise InputError(f"{cfg.data_path}: {len(rows)} rows make no full step of --effective_batch_size {cfg.effective_batch_size}")
-    total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+    if len(rows) < cfg.effective_batch_size:
+        raise InputError(f"{cfg.data_path}: {len(rows)} rows make no full step of "
+                         f"--effective_batch_size {cfg.effective_batch_size}")
+    return rows, eval_rows
 
+
+def build_model(cfg, path, device, world, verbose):
+    """The frozen base (NF4 with --load_in_4bit) in the run's precision, with LoRA adapters."""
     on_cuda = torch.device(device).type == "cuda"
     dtype = torch.bfloat16 if (cfg.precision or ("bf16" if on_cuda else "fp32")) == "bf16" else torch.float32
     model = Transformer.from_pretrained(path, dtype=dtype, device=device, quantize="nf4" if cfg.load_in_4bit else None)
     if cfg.enable_model_splitting:
         if not on_cuda or world > 1:
-            raise InputError("--enable_model_splitting spreads one process over the visible GPUs: it needs CUDA and no torchrun")
+            raise InputError("--enable_model_splitting spreads one process over the visible GPUs: "
+                             "it needs CUDA and no torchrun")
         model.split_layers([torch.device("cuda", i) for i in range(torch.cuda.device_count())])
     targets = "all-linear" if cfg.target_modules == "all-linear" else [t.strip() for t in cfg.target_modules.split(",")]
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
-               use_rslora=cfg.use_rslora, verbose=rank == 0)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.train()
+               use_rslora=cfg.use_rslora, verbose=verbose)
+    model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
+    return model.train()
+
+
+def start_output(out, cfg, step):
+    """Write train_config.json; cut metrics.jsonl back to what step `step` had logged."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    path = out / "metrics.jsonl"
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the run after saving a checkpoint; main exits 128 + signal."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextmanager
+def catch_signals():
+    """Within the block, Ctrl-C / SIGTERM only note the signal: the loop finishes its step, saves
+    and stops. A second one leaves at once (KeyboardInterrupt, nothing saved)."""
+    stop = {"signal": None}
+
+    def handler(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+
+    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+def train(cfg, rank=0, world=1, device="cpu"):
+    """Train an adapter as cfg says and save it to cfg.output_dir; returns the model.
+    Raises Interrupted once a Ctrl-C / SIGTERM run has saved its checkpoint."""
+    say = print if rank == 0 else (lambda *a, **k: None)
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+    resume_from = check_output_dir(cfg, out, world, say)
+
+    # data first: a bad file fails here, before the model is loaded or anything written
+    path = resolve_checkpoint(cfg.model_path)
+    tokenizer = Tokenizer(path, template=cfg.chat_template)
+    rows, eval_rows = load_data(cfg, tokenizer, say)
+    steps_per_epoch = data.steps_per_epoch(len(rows), cfg.effective_batch_size)
+    total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+
+    # model, loss, optimizer: only the adapters' A and B train
+    model = build_model(cfg, path, device, world, verbose=rank == 0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
-    loss_fn = CausalLMLoss(model)
+    loss_fn = CausalLMLoss(model, fused=cfg.loss == "fused" and fused_loss_applies(model))
     if world > 1:
+        on_cuda = torch.device(device).type == "cuda"
         loss_fn = nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device] if on_cuda else None)
 
+    # resume: adapter weights, optimizer state, RNG state and step from the newest checkpoint
     step = 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
-        step = state["step"]
+        step = load_checkpoint(resume_from, model, optimizer)["step"]
         say(f"resumed from {resume_from} (step {step})")
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-        metrics_path = out / "metrics.jsonl"
-        if metrics_path.exists():  # keep only what the resumed-from step had logged
-            kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= step]
-            metrics_path.write_text("".join(l + "\n" for l in kept))
-        metrics = open(metrics_path, "a")
+        start_output(out, cfg, step)
 
-    stop = {"signal": None}
-    for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, save, exit
-        signal.signal(sig, lambda s, f: stop.update(signal=s))
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    t_start, tokens_seen = time.perf_counter(), 0
-    while step < total_steps:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        order = data.epoch_order(len(rows), cfg.seed, epoch)
-        idx = data.step_batches(order, step_in_epoch, cfg.effective_batch_size, cfg.micro_batch_size, rank, world)
-        micro = [batch_to(data.collate([rows[i] for i in b], tokenizer.pad_id), device) for b in idx]
-        # Normalize by the trained tokens of the whole step, summed over all ranks. DDP averages
-        # gradients over ranks, hence the factor world.
-        n_targets = all_sum(sum((b["targets"] != -100).sum() for b in micro).float(), world)
-        lr = lr_at(step, cfg, total_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        t0 = time.perf_counter()
-        loss_sum = 0.0
-        for i, b in enumerate(micro):
-            sync = i == len(micro) - 1 or world == 1
-            with loss_fn.no_sync() if not sync else nullcontext():
-                loss = loss_fn(b["input_ids"], b["targets"], b["position_ids"], b["doc_ids"])
-                (loss * world / n_targets).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss = (all_sum(torch.as_tensor(loss_sum, dtype=torch.float32, device=device).clone(), world) / n_targets).item()
-        if not math.isfinite(loss):
-            raise InputError(f"loss is {loss} at step {step}: lower --learning_rate, or use --precision fp32")
-        n_tokens = all_sum(torch.tensor(float(sum(len(rows[i]["input_ids"]) for i in chain(*idx))), device=device), world).item()
-        tokens_seen += n_tokens
-        dt = time.perf_counter() - t0
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
-        record = {}
-        if step % cfg.log_every == 0 or step == total_steps:
-            record.update(step=step, epoch=epoch + (step_in_epoch + 1) / steps_per_epoch, loss=round(loss, 6), lr=lr,
+    t_start = time.perf_counter()
+    with catch_signals() as stop, tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train") as bar:
+        while step < total_steps:
+            # this step's rows: the epoch's shuffle, cut into this rank's micro batches
+            epoch, step_in_epoch = divmod(step, steps_per_epoch)
+            order = data.epoch_order(len(rows), cfg.seed, epoch)
+            idx = data.step_batches(order, step_in_epoch, cfg.effective_batch_size, cfg.micro_batch_size, rank, world)
+            micro = [batch_to(data.collate([rows[i] for i in b], tokenizer.pad_id), device) for b in idx]
+
+            # one optimizer step: accumulate the micro batches' gradients, clip, update
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = forward_backward(loss_fn, micro, world)
+            grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if not math.isfinite(loss):
+                raise InputError(f"loss is {loss} at step {step}: lower --learning_rate, or use --precision fp32")
+
+            # log: loss per trained token, learning rate, gradient norm, speed
+            dt = time.perf_counter() - t0
+            n_tokens = float(sum(len(rows[i]["input_ids"]) for b in idx for i in b))
+            n_tokens = all_sum(torch.tensor(n_tokens, device=device), world).item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
+            record = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=round(loss, 6), lr=lr,
                           grad_norm=round(float(grad_norm), 6), tokens_per_s=round(n_tokens / dt, 1),
                           elapsed_s=round(time.perf_counter() - t_start, 2))
-        if eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-            eval_loss, ppl = evaluate(loss_fn, eval_rows, tokenizer.pad_id, cfg.micro_batch_size, device, rank, world)
-            record.update(step=step, eval_loss=round(eval_loss, 6), eval_ppl=round(ppl, 4))
-            if rank == 0:
-                bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
-        if rank == 0 and record:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-        interrupted = all_sum(torch.tensor(float(stop["signal"] is not None), device=device), world).item() > 0
-        if rank == 0 and ((cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or interrupted):
-            save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch})
-        if interrupted:
-            bar.close()
-            say(f"interrupted: saved {out / 'checkpoints' / f'step-{step}'}; continue with --resume")
-            return None
-    bar.close()
+            log = step % cfg.log_every == 0 or step == total_steps
+
+            # evaluate: every eval_every steps and at the end
+            if eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                eval_loss, ppl = evaluate(loss_fn, eval_rows, tokenizer.pad_id, cfg.micro_batch_size,
+                                          device, rank, world)
+                record.update(eval_loss=round(eval_loss, 6), eval_ppl=round(ppl, 4))
+                log = True
+                if rank == 0:
+                    bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
+            if rank == 0 and log:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+
+            # checkpoint: every save_every steps, and when Ctrl-C / SIGTERM reached any rank
+            interrupted = all_sum(torch.tensor(float(stop["signal"] is not None), device=device), world).item() > 0
+            if rank == 0 and (interrupted or (cfg.save_every and step % cfg.save_every == 0 and step < total_steps)):
+                save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch})
+            if interrupted:
+                if world > 1:
+                    dist.barrier()  # the checkpoint is written before any rank leaves
+                raise Interrupted(stop["signal"] or signal.SIGTERM,
+                                  f"interrupted: saved {out}/checkpoints/step-{step}; "
+                                  f"continue with: python train.py --output_dir {out} --resume")
+
+    # the adapter, in PEFT's format
     if rank == 0:
         save_adapter(model, out, base_model_name_or_path=cfg.model_path)
-        say(f"adapter saved to {out} ({tokens_seen / (time.perf_counter() - t_start):.0f} tok/s)")
+        say(f"adapter saved to {out} ({step} steps, {time.perf_counter() - t_start:.0f} s)")
     if world > 1:
         dist.barrier()  # no rank tears the process group down while rank 0 still writes
     return model
@@ -393,6 +563,12 @@ def main(argv=None):
     except (InputError, data.DataError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"train.py: {e}" if rank == 0 else "", file=sys.stderr)
+        sys.exit(128 + e.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    except KeyboardInterrupt:
+        print("train.py: interrupted, nothing saved", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -30,15 +31,123 @@ def losses(out):
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def test_linear_cross_entropy_equals_plain_cross_entropy():
-    # Loss and gradient w.r.t. h of the chunked, fused version equal logits -> cross_entropy (fp32, atol 1e-5).
-    h = torch.randn(37, 16, requires_grad=True)
-    w, t = torch.randn(50, 16), torch.randint(0, 50, (37,))
+def max_error(xs, ys):
+    """The largest difference between paired tensors, relative to the largest entry of each."""
+    return max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(xs, ys))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_loss_equals_the_plain_loss(dtype, tol):
+    # LinearCrossEntropy (4 chunks of 8 rows) against token_loss on full logits: loss and the
+    # gradient w.r.t. h, relative error under tol (fp32: 1e-5; bf16: 2e-2, 8-bit mantissa).
+    h = torch.randn(29, 16, dtype=dtype, requires_grad=True)
+    w, t = torch.randn(50, 16, dtype=dtype), torch.randint(0, 50, (29,))
     fused = train.LinearCrossEntropy.apply(h, w, t, 8)
     (g_fused,) = torch.autograd.grad(fused * 0.5, h)
-    plain = torch.nn.functional.cross_entropy(h @ w.T, t, reduction="sum")
+    plain = train.token_loss(h @ w.T, t)
     (g_plain,) = torch.autograd.grad(plain * 0.5, h)
-    assert torch.allclose(fused, plain, atol=1e-4) and torch.allclose(g_fused, g_plain, atol=1e-5)
+    assert fused.dtype == plain.dtype == torch.float32 and g_fused.dtype == g_plain.dtype == dtype
+    assert abs(fused - plain) / plain < tol
+    assert (g_fused - g_plain).float().norm() / g_plain.float().norm() < tol
+
+
+def test_a_changed_loss_is_never_replaced_by_the_stale_fused_one(tiny_checkpoint, monkeypatch):
+    # token_loss edited (label smoothing): the fused loss, derived from the old one, refuses to run;
+    # the plain path uses the new definition.
+    from model import Transformer
+
+    model = Transformer.from_pretrained(tiny_checkpoint).requires_grad_(False)
+    train.CausalLMLoss(model, fused=True)  # the unchanged loss passes the check
+    monkeypatch.setattr(train, "token_loss", lambda logits, t: torch.nn.functional.cross_entropy(
+        logits.float(), t, reduction="sum", label_smoothing=0.1))
+    with pytest.raises(RuntimeError, match="no longer computes token_loss"):
+        train.CausalLMLoss(model, fused=True)
+    batch = data.collate([dict(input_ids=[5, 6, 7], labels=[5, 6, 7], position_ids=[0, 1, 2], doc_ids=[0] * 3)], 0)
+    plain = train.CausalLMLoss(model)(batch["input_ids"], batch["targets"], None, None)
+    logits = model(batch["input_ids"])[0, :2]
+    assert torch.allclose(plain, train.token_loss(logits, torch.tensor([6, 7])), atol=1e-5)
+
+
+def test_training_loss_equals_transformers_labels_loss(smollm2):
+    # Our loss (fused and plain) over a collated batch of two chats of different lengths (reply-only
+    # labels, right padding) / the trained-token count == transformers' model(labels=...).loss,
+    # the mean over the same tokens; fp32, atol 1e-4.
+    transformers = pytest.importorskip("transformers")
+    from model import Transformer
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer(smollm2)
+    rows = [data.tokenize(chat(q, a), tok, "row")
+            for q, a in [("What is 2 + 2?", "4."), ("Name a colour.", "Blue, like the sky on a clear day.")]]
+    rows = [dict(input_ids=i, labels=l, position_ids=list(range(len(i))), doc_ids=[0] * len(i)) for i, l in rows]
+    b = data.collate(rows, tok.pad_id)
+    n = (b["targets"] != data.IGNORE).sum()
+    model = Transformer.from_pretrained(smollm2).requires_grad_(False)
+    with torch.no_grad():
+        ours = [train.CausalLMLoss(model, fused=f)(b["input_ids"], b["targets"], None, None) / n for f in (True, False)]
+        hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+        labels = torch.cat([torch.full_like(b["targets"][:, :1], -100), b["targets"][:, :-1]], 1)  # HF shifts itself
+        mask = (torch.arange(b["input_ids"].shape[1]) < torch.tensor([[len(r["input_ids"])] for r in rows])).long()
+        ref = hf(input_ids=b["input_ids"], attention_mask=mask, labels=labels).loss
+    assert abs(ours[0] - ref) < 1e-4 and abs(ours[1] - ref) < 1e-4, (ours, ref)
+
+
+def test_one_micro_batch_of_4_equals_two_of_2(tiny_checkpoint):
+    # The same four rows (different lengths, so padding differs) as one micro batch or as two:
+    # the step's loss (atol 1e-6) and every LoRA gradient (within 1e-6 of its largest entry) agree, fp32.
+    from lora import apply_lora, lora_layers
+    from model import Transformer
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_checkpoint)
+    rows = [dict(input_ids=i, labels=l, position_ids=list(range(len(i))), doc_ids=[0] * len(i))
+            for i, l in (data.tokenize(r, tok, "row") for r in TINY[:3] + [chat("w1", "w2")])]
+    model = apply_lora(Transformer.from_pretrained(tiny_checkpoint), r=4, alpha=8, target_modules="all-linear",
+                       verbose=False)
+    for _, m in lora_layers(model):
+        torch.nn.init.normal_(m.lora_B["default"].weight)  # B = 0 would give A no gradient to compare
+    loss_fn = train.CausalLMLoss(model, fused=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for split in ([rows], [rows[:2], rows[2:]]):
+        loss = train.forward_backward(loss_fn, [data.collate(r, tok.pad_id) for r in split])
+        results.append((loss, [p.grad.clone() for p in params]))
+        model.zero_grad(set_to_none=True)
+    (l4, g4), (l2, g2) = results
+    assert abs(l4 - l2) < 1e-6 and max_error(g4, g2) < 1e-6
+
+
+def test_packing_changes_nothing_but_the_layout(tiny_checkpoint, tmp_path):
+    # Four examples packed into one row give the same loss (atol 1e-5) and LoRA gradients (each within
+    # 1e-5 of its largest entry) as four rows, fp32: positions restart and no token attends across
+    # examples. And a packed run learns.
+    from lora import apply_lora, lora_layers
+    from model import Transformer
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_checkpoint)
+    rows = [dict(input_ids=i, labels=l, position_ids=list(range(len(i))), doc_ids=[0] * len(i))
+            for i, l in (data.tokenize(r, tok, "row") for r in TINY[:4])]
+    packed = data.pack(rows, 256)
+    assert len(packed) == 1
+    model = apply_lora(Transformer.from_pretrained(tiny_checkpoint), r=4, alpha=8, target_modules="all-linear",
+                       verbose=False)
+    for _, m in lora_layers(model):
+        torch.nn.init.normal_(m.lora_B["default"].weight)
+    loss_fn = train.CausalLMLoss(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for batch in (rows, packed):
+        loss = train.forward_backward(loss_fn, [data.collate(batch, tok.pad_id)])
+        results.append((loss, [p.grad.clone() for p in params]))
+        model.zero_grad(set_to_none=True)
+    (a, ga), (b, gb) = results
+    assert abs(a - b) < 1e-5 and max_error(ga, gb) < 1e-5
+
+    train.train(config(tiny_checkpoint, tmp_path, sample_packing=True, max_seq_len=64, effective_batch_size=2,
+                       micro_batch_size=1, num_epochs=30))
+    loss = losses(tmp_path / "out")
+    assert len(loss) == 30 and loss[-1] < 0.1 * loss[0]  # 8 examples packed into 2 rows of <= 64 tokens
 
 
 def test_lr_schedule():
@@ -82,28 +191,85 @@ def test_eval_loss_and_perplexity_are_logged(tiny_checkpoint, tmp_path):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # the eval rows are training rows too
 
 
+def interrupt_during_step(monkeypatch, n, sig=signal.SIGTERM):
+    """`sig` reaches this process while optimizer step n (counted from 1) runs."""
+    real, calls = data.step_batches, []
+
+    def step_batches(*a):  # called once per optimizer step
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), sig)
+        return real(*a)
+
+    monkeypatch.setattr(data, "step_batches", step_batches)
+
+
 def test_resume_after_interruption_gives_the_same_adapter(tiny_checkpoint, tmp_path, monkeypatch):
     # Dropout on, so the restored RNG state matters; bitwise equal on CPU.
     cfg = config(tiny_checkpoint, tmp_path, lora_dropout=0.1, num_epochs=3, save_every=2, output_dir=str(tmp_path / "full"))
     train.train(cfg)
-    real = data.step_batches
-
-    def interrupt_at_step_4(order, step, *a):  # a SIGTERM arrives during global step 4 (epoch 1, step 1)
-        if step == 1 and order == data.epoch_order(len(order), 0, 1):
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(order, step, *a)
-
-    monkeypatch.setattr(data, "step_batches", interrupt_at_step_4)
+    interrupt_during_step(monkeypatch, 4)  # epoch 1, its second step
     cut = config(tiny_checkpoint, tmp_path, lora_dropout=0.1, num_epochs=3, save_every=2, output_dir=str(tmp_path / "cut"))
-    assert train.train(cut) is None  # stopped after saving step 4
+    with pytest.raises(train.Interrupted, match="continue with: python train.py --output_dir .* --resume"):
+        train.train(cut)  # stops after saving step 4
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2", "step-4"]
-    monkeypatch.setattr(data, "step_batches", real)
+    monkeypatch.undo()
     cut.resume = True
     train.train(cut)
     full = load_file(tmp_path / "full" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "cut" / "adapter_model.safetensors")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
     assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+
+
+def test_resume_continues_the_same_run(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    # `--output_dir X --resume` takes every setting from X/train_config.json, not the defaults; a flag
+    # that changes the run is refused naming it; bookkeeping flags (save_every) may change, and it says so.
+    cfg = config(tiny_checkpoint, tmp_path, lr_scheduler="linear", warmup_steps=1, num_epochs=3, save_every=2)
+    interrupt_during_step(monkeypatch, 3)
+    with pytest.raises(train.Interrupted):
+        train.train(cfg)
+    monkeypatch.undo()
+    out = str(tmp_path / "out")
+    resumed = train.parse_args(["--output_dir", out, "--resume"])
+    assert resumed == train.TrainConfig(**{**vars(cfg), "resume": True})
+
+    for flags, message in [(["--learning_rate", "0.5"], "--learning_rate 0.5: this run was started with 0.01"),
+                           (["--lr_scheduler", "cosine"], "--lr_scheduler cosine: this run was started with linear"),
+                           (["--lora_r", "4"], "--lora_r 4: this run was started with 8"),
+                           (["--data_path", str(tmp_path / "other.jsonl")], "--data_path")]:
+        with pytest.raises(InputError, match=message):
+            train.train(train.parse_args(["--output_dir", out, "--resume", *flags]))
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-2", "step-3"]
+
+    capsys.readouterr()
+    train.train(train.parse_args(["--output_dir", out, "--resume", "--save_every", "5", "--log_every", "2"]))
+    printed = capsys.readouterr().out
+    assert "resume: --save_every 5 (was 2)" in printed and "resume: --log_every 2 (was 1)" in printed
+    assert [r["step"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())] == \
+        [1, 2, 3, 4, 6]  # logged every step until the cut, then every second one, and the last
+    assert json.loads((tmp_path / "out" / "train_config.json").read_text())["save_every"] == 5
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_saves_and_exits_128_plus_the_signal(tiny_checkpoint, tmp_path, sig, code):
+    # Ctrl-C / SIGTERM during training: the step ends, a checkpoint is saved, the message says how to
+    # continue, no traceback, and the exit code is the shell's (so `train.py && merge.py` stops).
+    out = tmp_path / "out"
+    args = ["--model_path", str(tiny_checkpoint), "--data_path", str(write_jsonl(tmp_path / "t.jsonl", TINY)),
+            "--output_dir", str(out), "--micro_batch_size", "2", "--effective_batch_size", "4", "--num_epochs", "5000"]
+    p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()) and time.time() < deadline:
+        time.sleep(0.2)  # until training runs
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code, err
+    saved = sorted((out / "checkpoints").iterdir())
+    assert len(saved) == 1 and (saved[0] / "trainer_state.safetensors").exists()
+    assert f"saved {saved[0]}; continue with: python train.py --output_dir {out} --resume" in err
+    assert "Traceback" not in err and not (out / "adapter_model.safetensors").exists()
 
 
 def test_two_processes_match_one(tiny_checkpoint, tmp_path):
@@ -157,7 +323,7 @@ def test_bad_data_is_one_line_exit_2_and_writes_nothing(tiny_checkpoint, tmp_pat
     (["--lora_r", "0"], "--lora_r must be positive"),
     (["--target_modules", "q_proj,qkv"], "target module 'qkv' matches no layer; the model's linear layers are: down_proj, gate_proj"),
     (["--data_path", "nowhere.jsonl"], "nowhere.jsonl: no such file"),
-    (["--resume"], "--resume: no checkpoint in"),
+    (["--resume"], "--resume: no run to continue in"),
     (["--optimizer", "sgd"], "argument --optimizer: invalid choice: 'sgd'"),
 ])
 def test_bad_flags_are_one_line_exit_2(tiny_checkpoint, tmp_path, flags, message):
