@@ -3,6 +3,8 @@
     python train.py                                            # SmolLM2-135M-Instruct + bundled data
     python train.py --model_path DIR --data_path my.jsonl --load_in_4bit --output_dir out/mine
     torchrun --nproc-per-node=4 train.py --effective_batch_size 32 ...   # data parallel (DDP)
+    torchrun --nproc-per-node=8 train.py --load_in_4bit --fsdp ...       # the model sharded (fsdp.py)
+    python train.py --load_in_4bit --fsdp --world_size 8 --estimate_memory   # will it fit? (memory.py)
     python train.py --output_dir out/mine --resume             # continue an interrupted run
 
 One optimizer step sees `effective_batch_size` rows: micro batches of `micro_batch_size` on each
@@ -30,7 +32,8 @@ from tqdm import tqdm
 
 import data
 from data import IGNORE
-from lora import apply_lora, load_adapter_weights, save_adapter
+import fsdp
+from lora import apply_lora, count_parameters, load_adapter_weights, save_adapter
 from model import InputError, Transformer, resolve_checkpoint
 from tokenizer import TEMPLATES, Tokenizer
 
@@ -78,6 +81,11 @@ class TrainConfig:
                      "(when lm_head has no adapter)", ("fused", "plain"))
     gradient_checkpointing: bool = flag(False, "recompute blocks in backward: less memory")
     enable_model_splitting: bool = flag(False, "spread layers over the visible GPUs (one process)")
+    fsdp: bool = flag(False, "shard base, adapters, gradients and optimizer states over the processes (FSDP2)")
+    fsdp_cpu_offload: bool = flag(False, "with --fsdp: keep the shards in host memory between uses")
+    # will it fit? print the memory each process needs, then exit
+    estimate_memory: bool = flag(False, "print the estimated memory per process (reads config.json only) and exit")
+    world_size: int = flag(1, "with --estimate_memory: the number of processes")
     # bookkeeping: may change when resuming
     eval_every: int = flag(0, "steps between evaluations; 0: at the end only")
     save_every: int = flag(50, "steps between checkpoints; 0: none")
@@ -86,7 +94,8 @@ class TrainConfig:
 
 
 # Settings that do not change what a run computes: --resume may be given new values for these.
-BOOKKEEPING = {"eval_every", "save_every", "log_every", "gradient_checkpointing", "output_dir", "resume"}
+BOOKKEEPING = {"eval_every", "save_every", "log_every", "gradient_checkpointing", "output_dir", "resume",
+               "fsdp_cpu_offload", "estimate_memory", "world_size"}
 
 
 def parse_args(argv=None):
@@ -120,6 +129,14 @@ def parse_args(argv=None):
             p.error(f"--{name} {what}")
     if cfg.eval_data_path and cfg.eval_split:
         p.error("--eval_data_path and --eval_split exclude each other")
+    if cfg.fsdp and cfg.enable_model_splitting:
+        p.error("--fsdp and --enable_model_splitting exclude each other (FSDP spreads the model over processes)")
+    if cfg.fsdp_cpu_offload and not cfg.fsdp:
+        p.error("--fsdp_cpu_offload needs --fsdp")
+    if cfg.fsdp and cfg.optimizer != "adamw":
+        p.error(f"--optimizer {cfg.optimizer}: bitsandbytes' 8-bit optimizers do not take sharded parameters; use adamw with --fsdp")
+    if cfg.world_size < 1:
+        p.error("--world_size must be positive")
     return cfg
 
 
@@ -261,7 +278,7 @@ def forward_backward(loss_fn, micro, world=1):
     for i, b in enumerate(micro):
         # DDP all-reduces gradients in backward: only the last micro batch of the step needs it
         sync = i == len(micro) - 1 or world == 1
-        with loss_fn.no_sync() if not sync else nullcontext():
+        with fsdp.no_sync(loss_fn) if not sync else nullcontext():
             loss = loss_fn(b["input_ids"], b["targets"], b["position_ids"], b["doc_ids"])
             (loss * world / n_targets).backward()  # DDP averages over ranks: * world makes it a sum
         loss_sum += loss.detach()
@@ -288,16 +305,21 @@ def batch_to(b, device):
 
 # --- checkpoints: safetensors for tensors, JSON for the rest, never pickle ---------------------
 
-def save_checkpoint(out, model, optimizer, state):
-    """out/checkpoints/step-N, written in a temporary folder and renamed into place, so a
-    checkpoint folder is complete whenever it exists."""
+def save_checkpoint(out, model, optimizer, state, rank=0):
+    """out/checkpoints/step-N, written by rank 0 in a temporary folder and renamed into place, so a
+    checkpoint folder is complete whenever it exists. Every rank calls it: under FSDP the adapter
+    and optimizer states are gathered whole first (the same files as in one process)."""
     from safetensors.torch import save_file
 
-    final = out / "checkpoints" / f"step-{state['step']}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp)
-    tensors, opt_json = flatten_optimizer(optimizer.state_dict())
+    with fsdp.gathered_lora(model):
+        opt_state = fsdp.full_optimizer_state(optimizer)
+        if rank != 0:
+            return
+        final = out / "checkpoints" / f"step-{state['step']}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(model, tmp)
+    tensors, opt_json = flatten_optimizer(opt_state)
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -315,10 +337,11 @@ def latest_checkpoint(out):
 def load_checkpoint(path, model, optimizer):
     from safetensors.torch import load_file
 
-    load_adapter_weights(model, path)
+    with fsdp.gathered_lora(model, write_back=True):  # FSDP: each rank keeps its piece of the adapter
+        load_adapter_weights(model, path)
     tensors = load_file(path / "trainer_state.safetensors")
     state = json.loads((path / "trainer_state.json").read_text())
-    optimizer.load_state_dict(unflatten_optimizer(tensors, state.pop("optimizer")))
+    fsdp.load_optimizer_state(optimizer, unflatten_optimizer(tensors, state.pop("optimizer")))
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -351,10 +374,14 @@ def unflatten_optimizer(tensors, js):
 
 # --- setup -------------------------------------------------------------------------------------
 
-def setup_distributed():
-    """rank, world size, device: torchrun's environment if present, else one process."""
+def setup_distributed(fsdp=False):
+    """rank, world size, device: torchrun's environment if present, else one process (which FSDP
+    still runs as a process group of one)."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if fsdp:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        return 0, 1, device
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -406,15 +433,21 @@ def build_model(cfg, path, device, world, verbose):
     """The frozen base (NF4 with --load_in_4bit) in the run's precision, with LoRA adapters."""
     on_cuda = torch.device(device).type == "cuda"
     dtype = torch.bfloat16 if (cfg.precision or ("bf16" if on_cuda else "fp32")) == "bf16" else torch.float32
+    targets = "all-linear" if cfg.target_modules == "all-linear" else [t.strip() for t in cfg.target_modules.split(",")]
+    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets, use_rslora=cfg.use_rslora)
+    if cfg.fsdp:  # read block by block, each sharded before the next is read
+        model = fsdp.load_sharded(path, dtype, device, cfg.load_in_4bit, lora, cfg.fsdp_cpu_offload)
+        if verbose:
+            trainable, total = count_parameters(model)
+            print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+        return model.enable_gradient_checkpointing(cfg.gradient_checkpointing).train()
     model = Transformer.from_pretrained(path, dtype=dtype, device=device, quantize="nf4" if cfg.load_in_4bit else None)
     if cfg.enable_model_splitting:
         if not on_cuda or world > 1:
             raise InputError("--enable_model_splitting spreads one process over the visible GPUs: "
                              "it needs CUDA and no torchrun")
         model.split_layers([torch.device("cuda", i) for i in range(torch.cuda.device_count())])
-    targets = "all-linear" if cfg.target_modules == "all-linear" else [t.strip() for t in cfg.target_modules.split(",")]
-    apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
-               use_rslora=cfg.use_rslora, verbose=verbose)
+    apply_lora(model, verbose=verbose, **lora)
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     return model.train()
 
@@ -478,7 +511,9 @@ def train(cfg, rank=0, world=1, device="cpu"):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
     loss_fn = CausalLMLoss(model, fused=cfg.loss == "fused" and fused_loss_applies(model))
-    if world > 1:
+    if cfg.fsdp:
+        fsdp.shard_root(loss_fn, cfg.fsdp_cpu_offload)
+    elif world > 1:
         on_cuda = torch.device(device).type == "cuda"
         loss_fn = nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device] if on_cuda else None)
 
@@ -537,8 +572,8 @@ def train(cfg, rank=0, world=1, device="cpu"):
 
             # checkpoint: every save_every steps, and when Ctrl-C / SIGTERM reached any rank
             interrupted = all_sum(torch.tensor(float(stop["signal"] is not None), device=device), world).item() > 0
-            if rank == 0 and (interrupted or (cfg.save_every and step % cfg.save_every == 0 and step < total_steps)):
-                save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch})
+            if interrupted or (cfg.save_every and step % cfg.save_every == 0 and step < total_steps):
+                save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch}, rank)
             if interrupted:
                 if world > 1:
                     dist.barrier()  # the checkpoint is written before any rank leaves
@@ -547,9 +582,10 @@ def train(cfg, rank=0, world=1, device="cpu"):
                                   f"continue with: python train.py --output_dir {out} --resume")
 
     # the adapter, in PEFT's format
-    if rank == 0:
-        save_adapter(model, out, base_model_name_or_path=cfg.model_path)
-        say(f"adapter saved to {out} ({step} steps, {time.perf_counter() - t_start:.0f} s)")
+    with fsdp.gathered_lora(model):
+        if rank == 0:
+            save_adapter(model, out, base_model_name_or_path=cfg.model_path)
+    say(f"adapter saved to {out} ({step} steps, {time.perf_counter() - t_start:.0f} s)")
     if world > 1:
         dist.barrier()  # no rank tears the process group down while rank 0 still writes
     return model
@@ -557,7 +593,15 @@ def train(cfg, rank=0, world=1, device="cpu"):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    rank, world, device = setup_distributed()
+    if cfg.estimate_memory:
+        import memory
+        try:
+            print(memory.format_estimate(memory.estimate_for_run(cfg)))
+        except InputError as e:
+            print(f"train.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return
+    rank, world, device = setup_distributed(cfg.fsdp)
     try:
         train(cfg, rank, world, device)
     except (InputError, data.DataError) as e:
@@ -570,7 +614,7 @@ def main(argv=None):
         print("train.py: interrupted, nothing saved", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     finally:
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
