@@ -55,10 +55,12 @@ def load_sharded(path, dtype, device, quantize, lora, cpu_offload=False):
     if bad := sorted(expected ^ found):
         what = "missing" if bad[0] in expected else "unexpected"
         raise CheckpointError(f"{path}: {what} tensor {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
-    handles = {f: safe_open(path / f, framework="pt", device="cpu") for f in sorted(set(files.values()))}
 
     def read(key, shape):
-        t = handles[files[key]].get_tensor(key)  # a view of the memory-mapped file
+        # A file opened per tensor: its memory map, and the pages read through it, go with the
+        # tensor once it is sharded; one long-lived handle would keep every page read so far.
+        with safe_open(path / files[key], framework="pt", device="cpu") as f:
+            t = f.get_tensor(key)
         if tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{path / files[key]}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         return t.to(device=device, dtype=dtype)
@@ -150,12 +152,9 @@ def gathered_lora(model, write_back=False):
 def full_optimizer_state(optimizer):
     """optimizer.state_dict() with every sharded state gathered whole: the same layout as in one
     process, so a checkpoint does not depend on the world size. Every rank must call it."""
-    sd = optimizer.state_dict()
-    for state in sd["state"].values():
-        for k, v in state.items():
-            if isinstance(v, DTensor):
-                state[k] = v.full_tensor()
-    return sd
+    sd = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: build new ones
+    whole = lambda v: v.full_tensor() if isinstance(v, DTensor) else v
+    return {**sd, "state": {idx: {k: whole(v) for k, v in state.items()} for idx, state in sd["state"].items()}}
 
 
 def load_optimizer_state(optimizer, sd):
