@@ -59,8 +59,11 @@ def load_sharded(path, dtype, device, quantize, lora, cpu_offload=False):
     def read(key, shape):
         # A file opened per tensor: its memory map, and the pages read through it, go with the
         # tensor once it is sharded; one long-lived handle would keep every page read so far.
-        with safe_open(path / files[key], framework="pt", device="cpu") as f:
-            t = f.get_tensor(key)
+        try:
+            with safe_open(path / files[key], framework="pt", device="cpu") as f:
+                t = f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise CheckpointError(f"{path / files[key]}: not a readable safetensors file ({e})") from None
         if tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{path / files[key]}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         return t.to(device=device, dtype=dtype)

@@ -120,11 +120,13 @@ def estimate(config, *, quantize=False, dtype=torch.bfloat16, lora_r=16, target_
     rows = min(tokens, LOSS_CHUNK) if fused_loss else tokens
     loss = rows * c.vocab_size * (b + 4 + (0 if fused_loss else 4))  # (+ the softmax when not fused)
     if world > 1:
-        whole = lambda ps: sum(p.numel() * p.element_size() - shard_bytes(p, world) for p in ps)
-        root = whole(p for n, p in model.named_parameters() if ".layers." not in n)
-        block = whole(model.model.layers[0].parameters())
-        r["transient"] = root + max(3 * block + dequant, loss)
-        r["transient is"] = "gathered root + 3 blocks" if 3 * block + dequant >= loss else "gathered root + loss"
+        size = lambda p: p.numel() * p.element_size()
+        root = sum(size(p) - shard_bytes(p, world) for n, p in model.named_parameters() if ".layers." not in n)
+        block = sum(size(p) for p in model.model.layers[0].parameters())
+        # the block computing, the next one's all-gather input, output, and parameters copied out
+        block = 3 * block + block // world
+        r["transient"] = root + max(block + dequant, loss)
+        r["transient is"] = "gathered root and blocks" if block + dequant >= loss else "gathered root + loss"
     else:
         r["transient"] = max(dequant, loss)
         r["transient is"] = "dequantized weight" if dequant >= loss else ("loss chunk" if fused_loss else "logits")

@@ -27,8 +27,9 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # VmHWM := VmRSS
 before = resident("VmRSS:")
 train.train(cfg, rank, world, device)
-print(f"peak {rank} {resident('VmHWM:') - before}", flush=True)
+sys.stdout.write(f"peak {rank} {resident('VmHWM:') - before}\n")  # one write: ranks share the pipe
+sys.stdout.flush()
 if rank == 0:
-    print(f"estimate {memory.estimate_for_run(dataclasses.replace(cfg, world_size=world))['total']}", flush=True)
+    sys.stdout.write(f"estimate {memory.estimate_for_run(dataclasses.replace(cfg, world_size=world))['total']}\n")
 if world > 1 or cfg.fsdp:
     train.dist.destroy_process_group()
