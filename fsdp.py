@@ -32,7 +32,9 @@ from quant import NF4Linear, is_nf4_target
 
 
 def _shard(module, cpu_offload):
-    fully_shard(module, offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    # CPU offload pins the host copies for fast copies to the GPU; a CPU run has nothing to pin
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    fully_shard(module, offload_policy=offload)
     # Gradients: reduce with SUM, then divide by world (the mean, as DDP), rather than the default
     # ReduceOp.AVG, which not every backend and version has implemented (gloo has summed).
     module.set_force_sum_reduction_for_comms(True)

@@ -84,7 +84,7 @@ def activation_bytes_per_token(c, b, lora_b, targets, r):
 
 def estimate(config, *, quantize=False, dtype=torch.bfloat16, lora_r=16, target_modules="all-linear",
              micro_batch_size=1, max_seq_len=2048, optimizer="adamw", fsdp=False, world_size=1,
-             gradient_checkpointing=False, fused_loss=True):
+             gradient_checkpointing=False, fused_loss=True, cpu_offload=False):
     """{name: bytes} per process for a run with these settings (see the module docstring)."""
     world = world_size if fsdp else 1
     model = meta_model(config, dtype, quantize, dict(r=lora_r, alpha=2 * lora_r, target_modules=target_modules))
@@ -132,7 +132,10 @@ def estimate(config, *, quantize=False, dtype=torch.bfloat16, lora_r=16, target_
         r["transient is"] = "dequantized weight" if dequant >= loss else ("loss chunk" if fused_loss else "logits")
     acts = r["activations (checkpointing)" if gradient_checkpointing else "activations (no checkpointing)"]
     weights = sum(v for k, v in r.items() if k.startswith("base") or k in ("lora", "grads", "optimizer"))
-    r["total"] = weights + acts + r["transient"]
+    # FSDP's CPU offload keeps the shards, their gradients and the optimizer in host memory: the
+    # device holds only what is gathered, and the activations
+    r["host"] = weights if cpu_offload else 0
+    r["total"] = (0 if cpu_offload else weights) + acts + r["transient"]
     return r
 
 
@@ -143,7 +146,8 @@ def estimate_for_run(cfg):
     r = estimate(read_config(cfg.model_path), quantize=cfg.load_in_4bit, dtype=dtype, lora_r=cfg.lora_r,
                  target_modules=targets, micro_batch_size=cfg.micro_batch_size, max_seq_len=cfg.max_seq_len,
                  optimizer=cfg.optimizer, fsdp=cfg.fsdp, world_size=cfg.world_size,
-                 gradient_checkpointing=cfg.gradient_checkpointing, fused_loss=cfg.loss == "fused")
+                 gradient_checkpointing=cfg.gradient_checkpointing, fused_loss=cfg.loss == "fused",
+                 cpu_offload=cfg.fsdp_cpu_offload)
     r["settings"] = (f"{cfg.model_path}: {'QLoRA (NF4)' if cfg.load_in_4bit else 'LoRA'}, "
                      f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}, r={cfg.lora_r}, "
                      f"{'FSDP over ' + str(cfg.world_size) if cfg.fsdp else 'whole model on each of ' + str(cfg.world_size)}"
@@ -161,5 +165,8 @@ def format_estimate(r):
     for k in ("activations (no checkpointing)", "activations (checkpointing)"):
         lines.append(f"  {k:<32}{gib(r[k])}" + ("  <- this run" if k == used else ""))
     lines.append(f"  {'largest transient':<32}{gib(r['transient'])}  ({r['transient is']})")
-    lines.append(f"  {'total':<32}{gib(r['total'])}")
+    if r["host"]:
+        lines.append(f"  {'total on the device':<32}{gib(r['total'])}  (the weights above in host memory: {gib(r['host']).strip()})")
+    else:
+        lines.append(f"  {'total':<32}{gib(r['total'])}")
     return "\n".join(lines)

@@ -67,7 +67,8 @@ def join_group(rank, port):
     return train.setup_distributed(fsdp=True)
 
 
-@pytest.mark.parametrize("flags", [[], ["--load_in_4bit", "--gradient_checkpointing"]], ids=["lora", "qlora"])
+@pytest.mark.parametrize("flags", [[], ["--load_in_4bit", "--gradient_checkpointing", "--fsdp_cpu_offload"]],
+                         ids=["lora", "qlora-checkpointing-offload"])
 def test_fsdp_matches_one_process(tiny, tmp_path, flags):
     # One process, 4 micro batches of 2 per step, against torchrun --fsdp: 2 ranks x 2 micro batches
     # of 2 (accumulated without sync, then reduce-scattered). The same rows in each step: the same
@@ -174,6 +175,19 @@ def measure(launcher, ckpt, rows, warmup, out, *flags):
     assert r.returncode == 0, r.stderr[-3000:]
     peaks = dict(re.findall(r"^peak (\d) (\d+)$", r.stdout, re.M))
     return {"peak": [int(peaks[k]) for k in sorted(peaks)], "estimate": int(re.search(r"^estimate (\d+)$", r.stdout, re.M)[1])}
+
+
+def test_estimate_memory_reads_only_config_json_and_writes_nothing(tiny, tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text((tiny / "config.json").read_text())  # no weights, no tokenizer
+    r = subprocess.run([sys.executable, "train.py", "--model_path", str(tmp_path / "model"), "--output_dir",
+                        str(tmp_path / "out"), "--estimate_memory", "--load_in_4bit", "--fsdp", "--world_size", "8"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for line in ("base nf4", "lora", "grads", "optimizer", "activations (no checkpointing)",
+                 "activations (checkpointing)", "largest transient", "total", "FSDP over 8"):
+        assert line in r.stdout, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "nothing written"
 
 
 def test_estimate_is_within_15_percent_of_the_measured_peak(weighty, tiny, tmp_path):
