@@ -110,7 +110,8 @@ def load_sharded(path, dtype, device, quantize, lora, cpu_offload=False):
 
 def shard_root(root, cpu_offload=False):
     """Shard what is left outside the blocks (embeddings, final norm, lm_head) as one unit around
-    `root`, the module whose forward the training step calls (the model, or a loss around it)."""
+    `root`, the module whose forward the training step calls (the model, or a loss around it).
+    Call it before making the optimizer: sharding replaces each parameter by a new one."""
     _shard(root, cpu_offload)
     return root
 

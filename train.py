@@ -508,14 +508,14 @@ def train(cfg, rank=0, world=1, device="cpu"):
 
     # model, loss, optimizer: only the adapters' A and B train
     model = build_model(cfg, path, device, world, verbose=rank == 0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
     loss_fn = CausalLMLoss(model, fused=cfg.loss == "fused" and fused_loss_applies(model))
     if cfg.fsdp:
-        fsdp.shard_root(loss_fn, cfg.fsdp_cpu_offload)
+        fsdp.shard_root(loss_fn, cfg.fsdp_cpu_offload)  # before the optimizer: sharding replaces parameters
     elif world > 1:
         on_cuda = torch.device(device).type == "cuda"
         loss_fn = nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device] if on_cuda else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
 
     # resume: adapter weights, optimizer state, RNG state and step from the newest checkpoint
     step = 0

@@ -67,14 +67,19 @@ def join_group(rank, port):
     return train.setup_distributed(fsdp=True)
 
 
-@pytest.mark.parametrize("flags", [[], ["--load_in_4bit", "--gradient_checkpointing", "--fsdp_cpu_offload"]],
-                         ids=["lora", "qlora-checkpointing-offload"])
+ALL_AND_HEAD = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"  # lm_head's adapter is in the root unit
+
+
+@pytest.mark.parametrize("flags", [["--target_modules", ALL_AND_HEAD],
+                                   ["--load_in_4bit", "--gradient_checkpointing", "--fsdp_cpu_offload"]],
+                         ids=["lora-with-lm_head", "qlora-checkpointing-offload"])
 def test_fsdp_matches_one_process(tiny, tmp_path, flags):
     # One process, 4 micro batches of 2 per step, against torchrun --fsdp: 2 ranks x 2 micro batches
     # of 2 (accumulated without sync, then reduce-scattered). The same rows in each step: the same
     # loss at every step (fp32, atol 1e-5) and the same final adapter (max error 1e-4 of the largest entry).
     one = config(tiny, tmp_path, output_dir=str(tmp_path / "one"), num_epochs=4, effective_batch_size=8,
-                 load_in_4bit="--load_in_4bit" in flags, gradient_checkpointing="--gradient_checkpointing" in flags)
+                 load_in_4bit="--load_in_4bit" in flags, gradient_checkpointing="--gradient_checkpointing" in flags,
+                 target_modules=ALL_AND_HEAD if ALL_AND_HEAD in flags else "all-linear")
     train.train(one)
     args = ["train.py", "--model_path", str(tiny), "--data_path", one.data_path, "--output_dir", str(tmp_path / "two"),
             "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--learning_rate", "1e-2", "--warmup_steps", "2",
