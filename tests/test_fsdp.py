@@ -97,7 +97,7 @@ def test_fsdp_matches_one_process(tiny, tmp_path, flags):
 def _resume_worker(rank, port, ckpt, tmp_path):
     rank, world, device = join_group(rank, port)
     cfg = lambda name, **kw: dataclasses.replace(config(ckpt, tmp_path, micro_batch_size=1, num_epochs=3, save_every=2,
-                                                        fsdp=True, output_dir=str(tmp_path / name)), **kw)
+                                                        keep_checkpoints=0, fsdp=True, output_dir=str(tmp_path / name)), **kw)
     train.train(cfg("full"), rank, world, device)
     real, calls = data.step_batches, []
 
