@@ -218,7 +218,7 @@ def batch_to(b, device):
 
 # --- checkpoints: safetensors for tensors, JSON for the rest, never pickle ---------------------
 
-def save_checkpoint(out, model, optimizer, state, keep=0, rank=0):
+def save_checkpoint(out, model, optimizer, state, keep=0):
     """out/checkpoints/step-N, complete whenever it exists; then all but the `keep` newest are deleted.
     Every rank calls it and rank 0 writes: under FSDP the adapter and the optimizer states are
     gathered whole first, so the files are the same as in one process."""
@@ -228,7 +228,7 @@ def save_checkpoint(out, model, optimizer, state, keep=0, rank=0):
     final = out / "checkpoints" / f"step-{state['step']}"
     with fsdp.gathered_lora(model):
         opt_state = fsdp.full_optimizer_state(optimizer)
-        if rank != 0:
+        if dist.is_initialized() and dist.get_rank() != 0:
             return
         with written_atomically(final) as tmp:
             save_adapter(model, tmp)
@@ -517,7 +517,7 @@ def train(cfg, rank=0, world=1, device="cpu"):
             # checkpoint: every save_every steps, and when Ctrl-C / SIGTERM reached any rank
             interrupted = all_sum(torch.tensor(float(stop["signal"] is not None), device=device), world).item() > 0
             if interrupted or (save_every and step % save_every == 0 and step < total_steps):
-                save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch}, cfg.keep_checkpoints, rank)
+                save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch}, cfg.keep_checkpoints)
             if interrupted:
                 if world > 1:
                     dist.barrier()  # the checkpoint is written before any rank leaves
