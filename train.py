@@ -228,14 +228,16 @@ def save_checkpoint(out, model, optimizer, state, keep=0):
     final = out / "checkpoints" / f"step-{state['step']}"
     with fsdp.gathered_lora(model):
         opt_state = fsdp.full_optimizer_state(optimizer)
+        rng = {"cpu": every_rank(torch.get_rng_state())}
+        if torch.cuda.is_available():
+            rng["cuda"] = every_rank(torch.cuda.get_rng_state())
         if dist.is_initialized() and dist.get_rank() != 0:
             return
         with written_atomically(final) as tmp:
             save_adapter(model, tmp)
             tensors, opt_json = flatten_optimizer(opt_state)
-            tensors["rng.cpu"] = torch.get_rng_state()
-            if torch.cuda.is_available():
-                tensors["rng.cuda"] = torch.cuda.get_rng_state()
+            for kind, states in rng.items():  # rng.cpu (rank 0), rng.cpu.1, ...: each rank's own dropout
+                tensors.update({f"rng.{kind}" + (f".{r}" if r else ""): state for r, state in enumerate(states)})
             save_file(tensors, tmp / "trainer_state.safetensors")
             (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer": opt_json}, indent=1))
     if keep:
@@ -243,6 +245,16 @@ def save_checkpoint(out, model, optimizer, state, keep=0):
             shutil.rmtree(old)
     size = sum(f.stat().st_size for f in final.iterdir())
     tqdm.write(f"saved {final} ({size / 1e6:.0f} MB, {time.perf_counter() - t0:.1f} s)")
+
+
+def every_rank(state):
+    """[rank 0's, rank 1's, ...] of a per-process tensor (a RNG state), gathered to every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [state]
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    states = [torch.empty_like(state, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(states, state.to(device))
+    return [s.cpu() for s in states]
 
 
 def checkpoints(out):
@@ -268,9 +280,10 @@ def load_checkpoint(path, model, optimizer):
     tensors = load_file(path / "trainer_state.safetensors")
     state = json.loads((path / "trainer_state.json").read_text())
     fsdp.load_optimizer_state(optimizer, unflatten_optimizer(tensors, state.pop("optimizer")))
-    torch.set_rng_state(tensors["rng.cpu"])
+    rank = f".{dist.get_rank()}" if dist.is_initialized() and dist.get_rank() else ""
+    torch.set_rng_state(tensors.get(f"rng.cpu{rank}", tensors["rng.cpu"]))
     if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+        torch.cuda.set_rng_state(tensors.get(f"rng.cuda{rank}", tensors["rng.cuda"]))
     return state
 
 

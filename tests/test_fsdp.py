@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 
 import data
 import train
-from conftest import ROOT, tiny_config, write_jsonl, write_tiny_tokenizer
+from conftest import ROOT, chat, tiny_config, write_jsonl, write_tiny_tokenizer
 from test_model import write_checkpoint
 from test_train import TINY, config, losses, max_error
 
@@ -49,22 +48,17 @@ def adapter(out):
     return load_file(out / "adapter_model.safetensors")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def spawn(worker, tmp_path, *args):
+    """Run worker(rank, tmp_path, *args) in 2 processes (torch.multiprocessing), which join a gloo
+    group through a file in tmp_path (no network port to collide with other tests')."""
+    mp.start_processes(worker, args=(tmp_path, *args), nprocs=2, start_method="spawn")
 
 
-def spawn(worker, *args):
-    """Run worker(rank, *args) in 2 processes joined in a gloo group (torch.multiprocessing)."""
-    mp.start_processes(worker, args=(free_port(), *args), nprocs=2, start_method="spawn")
-
-
-def join_group(rank, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+def join_group(rank, tmp_path):
+    """rank, world size, device, as train.setup_distributed returns them under torchrun."""
     torch.set_num_threads(1)
-    return train.setup_distributed(fsdp=True)
+    train.dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=rank, world_size=2)
+    return rank, 2, torch.device("cpu")
 
 
 ALL_AND_HEAD = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"  # lm_head's adapter is in the root unit
@@ -94,10 +88,9 @@ def test_fsdp_matches_one_process(tiny, tmp_path, flags):
     assert json.loads((tmp_path / "two" / "adapter_config.json").read_text())["r"] == 8, "an ordinary PEFT adapter"
 
 
-def _resume_worker(rank, port, ckpt, tmp_path):
-    rank, world, device = join_group(rank, port)
-    cfg = lambda name, **kw: dataclasses.replace(config(ckpt, tmp_path, micro_batch_size=1, num_epochs=3, save_every=2,
-                                                        keep_checkpoints=0, fsdp=True, output_dir=str(tmp_path / name)), **kw)
+def _resume_worker(rank, tmp_path, base):
+    rank, world, device = join_group(rank, tmp_path)
+    cfg = lambda name, **kw: dataclasses.replace(base, output_dir=str(tmp_path / name), **kw)
     train.train(cfg("full"), rank, world, device)
     real, calls = data.step_batches, []
 
@@ -119,22 +112,27 @@ def _resume_worker(rank, port, ckpt, tmp_path):
 
 
 def test_fsdp_resume_after_interruption_gives_the_same_adapter(tiny, tmp_path):
-    # 2 ranks under FSDP; SIGTERM on one rank mid-step: both finish the step, save step 3 (gathered),
-    # exit; --resume continues to the same adapter and losses as the uninterrupted run (bitwise).
-    spawn(_resume_worker, tiny, tmp_path)
+    # 2 ranks under FSDP, dropout on (each rank's RNG state is saved); SIGTERM on one rank mid-step:
+    # both finish the step, save step 3 (gathered), exit; --resume continues to the same adapter and
+    # losses as the uninterrupted run (bitwise).
+    # rows of different lengths: the ranks draw different numbers of dropout masks, so their RNG states differ
+    rows = [chat(" ".join(f"w{j}" for j in range(i + 1)), f"w{i + 20} w{i + 40}") for i in range(8)]
+    base = config(tiny, tmp_path, micro_batch_size=1, num_epochs=3, save_every=2, keep_checkpoints=0, lora_dropout=0.1,
+                  fsdp=True, data_path=str(write_jsonl(tmp_path / "varied.jsonl", rows)))  # the ranks only read it
+    spawn(_resume_worker, tmp_path, base)
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2", "step-3", "step-4"]
     full, resumed = adapter(tmp_path / "full"), adapter(tmp_path / "cut")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
     assert losses(tmp_path / "full") == losses(tmp_path / "cut")
 
 
-def _nf4_worker(rank, port, result):
+def _nf4_worker(rank, tmp_path):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     from quant import NF4Linear
 
-    join_group(rank, port)
+    join_group(rank, tmp_path)
     torch.manual_seed(0)
     w = torch.randn(96, 70) * torch.rand(96, 1)  # 6720 weights: 105 blocks, 3360 packed bytes
     layer = NF4Linear.from_weight(w)
@@ -147,14 +145,14 @@ def _nf4_worker(rank, port, result):
     if rank == 0:
         torch.save({"pieces": pieces, "sizes": {n: t.numel() for n, t in before.items()}, "same_bytes": same,
                     "same_weight": torch.equal(layer.dequantize(), expected),
-                    "same_output": torch.equal(layer(torch.ones(3, 70)), torch.ones(3, 70) @ expected.T)}, result)
+                    "same_output": torch.equal(layer(torch.ones(3, 70)), torch.ones(3, 70) @ expected.T)},
+                   tmp_path / "result.pt")
     train.dist.destroy_process_group()
 
 
 def test_nf4_storage_sharded_and_gathered_dequantizes_as_before(tmp_path):
-    result = tmp_path / "result.pt"
-    spawn(_nf4_worker, result)
-    r = torch.load(result)
+    spawn(_nf4_worker, tmp_path)
+    r = torch.load(tmp_path / "result.pt")
     assert r["pieces"] == {n: -(-s // 2) for n, s in r["sizes"].items()}, "each rank holds half of every tensor"
     assert r["same_bytes"], "gathered codes and statistics equal the ones quantize_nf4 wrote"
     assert r["same_weight"] and r["same_output"], "the gathered layer dequantizes and computes as before sharding"
