@@ -5,9 +5,9 @@ rank (the last padded), so each rank holds 1/world of the frozen base (NF4 or 16
 LoRA weights, of their gradients and of the optimizer states. Each transformer block is one FSDP
 unit, and the root (embeddings, final norm, lm_head, with the module the step calls) is another.
 What is gathered, and when:
-  forward   a unit's parameters are all-gathered just before it runs and freed after it
-            (reshard_after_forward), so one block is whole at a time; the root stays whole
-            until its backward, which comes right after;
+  forward   a block's parameters are all-gathered just before it runs and freed after it
+            (reshard_after_forward), so one block is whole at a time (two while the next is
+            gathered); the root is whole for the whole step, its forward containing the blocks';
   backward  each block is gathered again; its LoRA gradients are reduce-scattered, each rank
             keeping the sum over ranks of its own piece (divided by world: the mean, as DDP);
   step      the optimizer updates only this rank's pieces (DTensors), no communication;
