@@ -1,7 +1,7 @@
 """Speed and memory of nanolora, side by side with transformers + peft in the same run.
 
     python bench.py                                  # CPU, SmolLM2-135M-Instruct, every measure
-    python bench.py --only generate,quantize         # some of: machine generate quantize train
+    python bench.py --only generate,quantize         # some of: machine generate quantize train fsdp
     python bench.py --only dora                      # DoRA against LoRA and PEFT's DoRA (not by default)
     python bench.py --device cuda --config_json configs/llama3-8b.json   # random weights of a shape
 
@@ -336,6 +336,34 @@ def bench_train(args, flops):
                   f"{o['peak_bytes'] / h['peak_bytes']:.2f}x peak memory")
 
 
+def bench_fsdp(args):
+    """Peak memory per process of 2 processes of train.py, DDP against --fsdp, run one after the
+    other: tests/measure_peak.py in each process (after a short warm-up run, so that code pages are
+    not counted) beside the total that --estimate_memory gives for the same run."""
+    import os
+    import re
+    import tempfile
+
+    if args.config_json:
+        return print("fsdp: needs a checkpoint (--model_path), not --config_json")
+    flags = ["--model_path", args.model_path, "--micro_batch_size", str(args.micro_batch_size), "--effective_batch_size",
+             str(2 * args.micro_batch_size), "--max_steps", str(args.steps), "--max_seq_len", str(args.seq_len),
+             "--lora_r", str(args.lora_r), "--save_every", "0"] + (["--load_in_4bit"] if args.qlora else [])
+    peaks = {}
+    for name, extra in (("DDP", []), ("FSDP", ["--fsdp"])):
+        with tempfile.TemporaryDirectory() as tmp:
+            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                                "tests/measure_peak.py", args.model_path, *flags, *extra, "--output_dir", f"{tmp}/out"],
+                               env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}, capture_output=True, text=True)
+        if r.returncode:
+            return print(f"fsdp: {name} failed:\n{r.stderr[-2000:]}")
+        peaks[name] = [int(v) for _, v in sorted(re.findall(r"^peak (\d+) (\d+)$", r.stdout, re.M))]
+        estimate = int(re.search(r"^estimate (\d+)$", r.stdout, re.M)[1])
+        print(f"fsdp: 2 processes, {name}{' QLoRA' if args.qlora else ''}: peak per process "
+              f"{', '.join(f'{p / 2**20:.0f}' for p in peaks[name])} MiB (--estimate_memory: {estimate / 2**20:.0f} MiB)")
+    print(f"  FSDP / DDP: {max(peaks['FSDP']) / max(peaks['DDP']):.2f}x peak memory per process")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", default=DEFAULT_MODEL)
@@ -372,6 +400,8 @@ def main():
         bench_train(args, flops)
     if "dora" in only:
         bench_dora(args)
+    if "fsdp" in only:
+        bench_fsdp(args)
 
 
 if __name__ == "__main__":

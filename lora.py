@@ -287,12 +287,13 @@ def lora_layer_for(layer, use_dora):
 
 def count_parameters(model):
     """(trainable, all) as PEFT's print_trainable_parameters counts them: tied weights once,
-    and an NF4 weight (packed buffers, not parameters) as its in * out numbers."""
-    params = list(model.parameters())
+    and an NF4 weight as its in * out numbers (not as its packed codes and statistics)."""
+    nf4 = [m for m in model.modules() if hasattr(m, "dequantize")]
+    stored = {id(p) for m in nf4 for p in m.parameters()}
+    params = [p for p in model.parameters() if id(p) not in stored]
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
-    total += sum(m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
-                 for m in model.modules() if hasattr(m, "to_linear"))  # quantized layers
+    total += sum(m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel()) for m in nf4)
     return trainable, total
 
 

@@ -405,13 +405,13 @@ class Transformer(nn.Module):
         if quantize not in (None, "nf4"):
             raise CheckpointError(f"quantize={quantize!r}: only 'nf4' is supported")
         if quantize:
-            from quant import NF4Linear
+            from quant import NF4Linear, is_nf4_target
         for name, module in list(model.named_modules()):
             own = dict(module.named_parameters(recurse=False))
             if not own or (config.tie_word_embeddings and module is model.lm_head):
                 continue
             tensors = {k: read(f"{name}.{k}", p.shape) for k, p in own.items()}
-            if quantize == "nf4" and isinstance(module, nn.Linear) and name.startswith("model.layers."):
+            if quantize == "nf4" and is_nf4_target(name, module):
                 parent, child = name.rsplit(".", 1)
                 setattr(model.get_submodule(parent), child, NF4Linear.from_weight(tensors["weight"], tensors.get("bias")))
             else:

@@ -13,8 +13,21 @@ Memory per parameter:
 The numbers match bitsandbytes' CPU path byte for byte (codes, absmax, nested absmax, offset),
 so bitsandbytes' kernels can consume these tensors (the CUDA path below does); tests/test_quant.py
 checks this.
+
+Sharding with FSDP (fsdp.py). FSDP shards a module's parameters, never its buffers, so NF4Linear
+keeps its codes and statistics as frozen parameters (requires_grad=False). FSDP1 flattened all
+parameters of a unit into one flat tensor of one dtype: uint8 codes could not share it with the
+bf16 norms, which is why the QLoRA guide stores them as bfloat16 (bnb_4bit_quant_storage=bfloat16,
+two bytes holding four codes). FSDP2 (fully_shard) shards each parameter on its own along dim 0 and
+all-gathers mixed dtypes as bytes, so the codes stay uint8; it needs only that every tensor has a
+dim 0 (the offset is (1,), not a scalar), that the trainable parameters of a unit share one dtype
+(their gradients are reduce-scattered in one buffer: the LoRA weights are all fp32), and that the
+weight is read while the unit is gathered: dequantize() reads the parameters when called, in
+forward and again in backward. A shard is never dequantized on its own, so blocks may straddle
+two ranks' shards; gathered, the bytes are the ones quantize_nf4 wrote.
 """
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -166,7 +179,7 @@ class _NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dequantize, bias):
-        ctx.dequantize = dequantize  # a bound method of the module: holds only the 4-bit buffers
+        ctx.dequantize = dequantize  # a bound method of the module: holds only the 4-bit parameters
         return F.linear(x, dequantize(x.dtype), bias)
 
     @staticmethod
@@ -174,12 +187,19 @@ class _NF4Matmul(torch.autograd.Function):
         return grad_out @ ctx.dequantize(grad_out.dtype), None, None  # (..., in_features)
 
 
+def is_nf4_target(name: str, module: nn.Module) -> bool:
+    """Which layers QLoRA stores in NF4: the nn.Linear layers of the transformer blocks (names
+    with a "layers" component). Not lm_head, whose rounding would reach every logit, and not the
+    embeddings or norms, which are not Linears: they stay in the compute dtype, as in QLoRA."""
+    return isinstance(module, nn.Linear) and "layers" in name.split(".")
+
+
 class NF4Linear(nn.Module):
     """A frozen nn.Linear whose weight (out_features, in_features) is stored as NF4.
 
-    Buffers (the state_dict keys): packed, absmax, plus nested_absmax and offset when
-    double-quantized, plus bias if present. Cast the model to its dtype *before* quantizing:
-    Module.to(dtype) would also round the fp32 statistics.
+    Frozen parameters, 1-D so that FSDP can shard them (the state_dict keys): packed, absmax,
+    plus nested_absmax and offset (1,) when double-quantized, plus bias if present. Cast the
+    model to its dtype *before* quantizing: Module.to(dtype) would also round the fp32 statistics.
     """
 
     def __init__(self, in_features, out_features, bias=False, blocksize=64, double_quant=True,
@@ -188,23 +208,25 @@ class NF4Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.blocksize, self.double_quant, self.compute_dtype = blocksize, double_quant, compute_dtype
         n = in_features * out_features
-        nblocks = -(-n // blocksize)
-        zeros = lambda *shape, dtype=torch.float32: torch.zeros(shape, dtype=dtype, device=device)
-        self.register_buffer("packed", zeros((n + 1) // 2, dtype=torch.uint8))
-        self.register_buffer("absmax", zeros(nblocks, dtype=torch.uint8 if double_quant else torch.float32))
-        self.register_buffer("nested_absmax", zeros(-(-nblocks // NESTED_BLOCKSIZE)) if double_quant else None)
-        self.register_buffer("offset", zeros() if double_quant else None)
-        self.register_buffer("bias", zeros(out_features, dtype=compute_dtype) if bias else None)
+        nblocks = math.ceil(n / blocksize)
+        frozen = lambda n, dtype=torch.float32: nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=False)
+        self.packed = frozen(math.ceil(n / 2), torch.uint8)
+        self.absmax = frozen(nblocks, torch.uint8 if double_quant else torch.float32)
+        self.nested_absmax = frozen(math.ceil(nblocks / NESTED_BLOCKSIZE)) if double_quant else None
+        self.offset = frozen(1) if double_quant else None
+        self.bias = frozen(out_features, compute_dtype) if bias else None
 
     @classmethod
     def from_weight(cls, weight, bias=None, blocksize=64, double_quant=True):
         """Quantize weight (out, in); its dtype becomes the compute dtype of dequantize()."""
         out_features, in_features = weight.shape
         q = quantize_nf4(weight, blocksize, double_quant)
-        # On "meta" the placeholder buffers cost nothing; every one of them is replaced here.
+        # On "meta" the placeholder parameters cost nothing; every one of them is replaced here.
         m = cls(in_features, out_features, bias is not None, blocksize, double_quant, weight.dtype, "meta")
-        m.packed, m.absmax, m.nested_absmax, m.offset = q.packed, q.absmax, q.nested_absmax, q.offset
-        m.bias = None if bias is None else bias.detach().clone()
+        frozen = lambda t: None if t is None else nn.Parameter(t, requires_grad=False)
+        m.packed, m.absmax, m.nested_absmax = frozen(q.packed), frozen(q.absmax), frozen(q.nested_absmax)
+        m.offset = None if q.offset is None else frozen(q.offset.reshape(1))
+        m.bias = None if bias is None else frozen(bias.detach().clone())
         return m
 
     @classmethod
@@ -213,8 +235,8 @@ class NF4Linear(nn.Module):
 
     def nf4(self) -> NF4Weight:
         shape = torch.Size((self.out_features, self.in_features))
-        return NF4Weight(self.packed, self.absmax, shape, self.compute_dtype, self.blocksize,
-                         self.nested_absmax, self.offset)
+        offset = None if self.offset is None else self.offset.reshape(())  # the scalar bitsandbytes keeps
+        return NF4Weight(self.packed, self.absmax, shape, self.compute_dtype, self.blocksize, self.nested_absmax, offset)
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The full (out, in) weight in `dtype` (default: compute dtype), e.g. to merge LoRA into."""
@@ -236,16 +258,15 @@ class NF4Linear(nn.Module):
         return _NF4Matmul.apply(x, self.dequantize, bias)
 
     def extra_repr(self):
-        nbytes = sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "bias")
+        nbytes = sum(p.numel() * p.element_size() for name, p in self.named_parameters() if name != "bias")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"blocksize={self.blocksize}, double_quant={self.double_quant}, nf4_bytes={nbytes}")
 
 
-def quantize_model(model: nn.Module, skip=("lm_head",), blocksize=64, double_quant=True) -> nn.Module:
-    """Replace, in place, every nn.Linear by an NF4Linear unless a component of its name is in
-    `skip`. Embeddings and norms are not Linears and stay in the compute dtype, as in QLoRA."""
+def quantize_model(model: nn.Module, blocksize=64, double_quant=True) -> nn.Module:
+    """Replace, in place, every layer that is_nf4_target by an NF4Linear."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name and not set(name.split(".")) & set(skip):
+        if is_nf4_target(name, module):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, NF4Linear.from_linear(module, blocksize, double_quant))
     return model
@@ -261,8 +282,8 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 def memory_report(model: nn.Module, optimizer: str = "adamw") -> dict:
     """Bytes held by the model for training: frozen base weights by kind, trainable params,
     their grads, and the optimizer state estimate. Trainable = requires_grad."""
-    nf4 = {id(b) for m in model.modules() if isinstance(m, NF4Linear)
-           for name, b in m.named_buffers(recurse=False) if name != "bias"}
+    nf4 = {id(p) for m in model.modules() if isinstance(m, NF4Linear)
+           for name, p in m.named_parameters(recurse=False) if name != "bias"}
     base, trainable_params, trainable_bytes = {}, 0, 0
     for t in [*model.parameters(), *model.buffers()]:
         nbytes = t.numel() * t.element_size()

@@ -3,6 +3,8 @@
     python train.py                                            # SmolLM2-135M-Instruct + bundled data
     python train.py --model_path DIR --data_path my.jsonl --load_in_4bit --output_dir out/mine
     torchrun --nproc-per-node=4 train.py --effective_batch_size 32 ...   # data parallel (DDP)
+    torchrun --nproc-per-node=8 train.py --load_in_4bit --fsdp ...       # the model sharded (fsdp.py)
+    python train.py --load_in_4bit --fsdp --world_size 8 --estimate_memory   # will it fit? (memory.py)
     python train.py --output_dir out/mine --resume             # continue an interrupted run
 
 One optimizer step sees `effective_batch_size` rows: micro batches of `micro_batch_size` on each
@@ -29,8 +31,9 @@ from tqdm import tqdm
 
 import data
 from data import IGNORE
+import fsdp
 from hub import DEFAULT_MODEL, resolve_checkpoint
-from lora import apply_lora, load_adapter_weights, save_adapter
+from lora import apply_lora, count_parameters, load_adapter_weights, save_adapter
 from loss import CausalLMLoss, fused_loss_applies
 from model import InputError, Transformer, default_device, default_dtype, exit_on_input_error, written_atomically
 from observe import Observer
@@ -81,6 +84,11 @@ class TrainConfig:
                      "(when lm_head has no adapter)", ("fused", "plain"))
     gradient_checkpointing: bool = flag(False, "recompute blocks in backward: less memory")
     enable_model_splitting: bool = flag(False, "spread layers over the visible GPUs (one process)")
+    fsdp: bool = flag(False, "shard base, adapters, gradients and optimizer states over the processes (FSDP2)")
+    fsdp_cpu_offload: bool = flag(False, "with --fsdp: keep the shards in host memory between uses")
+    # will it fit? print the memory each process needs, then exit
+    estimate_memory: bool = flag(False, "print the estimated memory per process (reads config.json only) and exit")
+    world_size: int = flag(1, "with --estimate_memory: the number of processes")
     # bookkeeping: may change when resuming
     eval_every: int = flag(0, "steps between evaluations; 0: at the end only")
     save_every: int = flag(None, "steps between checkpoints; default: a tenth of the run; 0: none")
@@ -95,7 +103,8 @@ class TrainConfig:
 
 # Settings that do not change what a run computes: --resume may be given new values for these.
 BOOKKEEPING = {"eval_every", "save_every", "keep_checkpoints", "log_every", "gradient_checkpointing", "output_dir",
-               "resume", "eval_prompts", "wandb_project", "wandb_run_name"}
+               "resume", "eval_prompts", "wandb_project", "wandb_run_name", "fsdp_cpu_offload", "estimate_memory",
+               "world_size"}
 
 
 def parse_args(argv=None):
@@ -126,6 +135,16 @@ def parse_args(argv=None):
             p.error(f"--{name} {what}")
     if cfg.eval_data_path and cfg.eval_split:
         p.error("--eval_data_path and --eval_split exclude each other")
+    if cfg.fsdp and cfg.enable_model_splitting:
+        p.error("--fsdp and --enable_model_splitting exclude each other (FSDP spreads the model over processes)")
+    if cfg.fsdp_cpu_offload and not cfg.fsdp:
+        p.error("--fsdp_cpu_offload needs --fsdp")
+    if cfg.fsdp and cfg.eval_prompts:  # rank 0 generates alone, and a sharded model needs every rank
+        p.error("--eval_prompts does not work with --fsdp yet: use it in a run without --fsdp")
+    if cfg.fsdp and cfg.optimizer != "adamw":
+        p.error(f"--optimizer {cfg.optimizer}: bitsandbytes' 8-bit optimizers do not take sharded parameters; use adamw with --fsdp")
+    if cfg.world_size < 1:
+        p.error("--world_size must be positive")
     return cfg
 
 
@@ -181,7 +200,7 @@ def forward_backward(loss_fn, micro, world=1):
     for i, b in enumerate(micro):
         # DDP all-reduces gradients in backward: only the last micro batch of the step needs it
         sync = i == len(micro) - 1 or world == 1
-        with loss_fn.no_sync() if not sync else nullcontext():
+        with fsdp.no_sync(loss_fn) if not sync else nullcontext():
             loss = loss_fn(b["input_ids"], b["targets"], b["position_ids"], b["doc_ids"])
             (loss * world / n_targets).backward()  # DDP averages over ranks: * world makes it a sum
         loss_sum += loss.detach()
@@ -209,24 +228,42 @@ def batch_to(b, device):
 # --- checkpoints: safetensors for tensors, JSON for the rest, never pickle ---------------------
 
 def save_checkpoint(out, model, optimizer, state, keep=0):
-    """out/checkpoints/step-N, complete whenever it exists; then all but the `keep` newest are deleted."""
+    """out/checkpoints/step-N, complete whenever it exists; then all but the `keep` newest are deleted.
+    Every rank calls it and rank 0 writes: under FSDP the adapter and the optimizer states are
+    gathered whole first, so the files are the same as in one process."""
     from safetensors.torch import save_file
 
     t0 = time.perf_counter()
     final = out / "checkpoints" / f"step-{state['step']}"
-    with written_atomically(final) as tmp:
-        save_adapter(model, tmp)
-        tensors, opt_json = flatten_optimizer(optimizer.state_dict())
-        tensors["rng.cpu"] = torch.get_rng_state()
+    with fsdp.gathered_lora(model):
+        opt_state = fsdp.full_optimizer_state(optimizer)
+        rng = {"cpu": every_rank(torch.get_rng_state())}
         if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        save_file(tensors, tmp / "trainer_state.safetensors")
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer": opt_json}, indent=1))
+            rng["cuda"] = every_rank(torch.cuda.get_rng_state())
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        with written_atomically(final) as tmp:
+            save_adapter(model, tmp)
+            tensors, opt_json = flatten_optimizer(opt_state)
+            for kind, states in rng.items():  # rng.cpu (rank 0), rng.cpu.1, ...: each rank's own dropout
+                tensors.update({f"rng.{kind}" + (f".{r}" if r else ""): state for r, state in enumerate(states)})
+            save_file(tensors, tmp / "trainer_state.safetensors")
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer": opt_json}, indent=1))
     if keep:
         for old in checkpoints(out)[:-keep]:
             shutil.rmtree(old)
     size = sum(f.stat().st_size for f in final.iterdir())
     tqdm.write(f"saved {final} ({size / 1e6:.0f} MB, {time.perf_counter() - t0:.1f} s)")
+
+
+def every_rank(state):
+    """[rank 0's, rank 1's, ...] of a per-process tensor (a RNG state), gathered to every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [state]
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    states = [torch.empty_like(state, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(states, state.to(device))
+    return [s.cpu() for s in states]
 
 
 def checkpoints(out):
@@ -247,13 +284,15 @@ def latest_checkpoint(out):
 def load_checkpoint(path, model, optimizer):
     from safetensors.torch import load_file
 
-    load_adapter_weights(model, path)
+    with fsdp.gathered_lora(model, write_back=True):  # FSDP: each rank keeps its piece of the adapter
+        load_adapter_weights(model, path)
     tensors = load_file(path / "trainer_state.safetensors")
     state = json.loads((path / "trainer_state.json").read_text())
-    optimizer.load_state_dict(unflatten_optimizer(tensors, state.pop("optimizer")))
-    torch.set_rng_state(tensors["rng.cpu"])
+    fsdp.load_optimizer_state(optimizer, unflatten_optimizer(tensors, state.pop("optimizer")))
+    rank = f".{dist.get_rank()}" if dist.is_initialized() and dist.get_rank() else ""
+    torch.set_rng_state(tensors.get(f"rng.cpu{rank}", tensors["rng.cpu"]))
     if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+        torch.cuda.set_rng_state(tensors.get(f"rng.cuda{rank}", tensors["rng.cuda"]))
     return state
 
 
@@ -294,10 +333,14 @@ def unflatten_optimizer(tensors, js):
 
 # --- setup -------------------------------------------------------------------------------------
 
-def setup_distributed():
-    """rank, world size, device: torchrun's environment if present, else one process."""
+def setup_distributed(fsdp=False):
+    """rank, world size, device: torchrun's environment if present, else one process (which FSDP
+    still runs as a process group of one)."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device(default_device())
+        device = torch.device(default_device())
+        if fsdp:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        return 0, 1, device
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -369,22 +412,32 @@ def load_data(cfg, tokenizer, say):
 def build_model(cfg, path, device, world, verbose):
     """The frozen base (NF4 with --load_in_4bit) in the run's precision, with LoRA adapters."""
     dtype = {None: default_dtype(device), "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
+    targets = "all-linear" if cfg.target_modules == "all-linear" else [t.strip() for t in cfg.target_modules.split(",")]
+    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets, use_rslora=cfg.use_rslora,
+                use_dora=cfg.use_dora)
+    if cfg.fsdp:  # read block by block, each sharded before the next is read
+        model = fsdp.load_sharded(path, dtype, device, cfg.load_in_4bit, lora, cfg.fsdp_cpu_offload)
+        if verbose:
+            trainable, total = count_parameters(model)
+            print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+        return model.enable_gradient_checkpointing(cfg.gradient_checkpointing).train()
     model = Transformer.from_pretrained(path, dtype=dtype, device=device, quantize="nf4" if cfg.load_in_4bit else None)
     if cfg.enable_model_splitting:
         if torch.device(device).type != "cuda" or world > 1:
             raise InputError("--enable_model_splitting spreads one process over the visible GPUs: "
                              "it needs CUDA and no torchrun")
         model.split_layers([torch.device("cuda", i) for i in range(torch.cuda.device_count())])
-    targets = "all-linear" if cfg.target_modules == "all-linear" else [t.strip() for t in cfg.target_modules.split(",")]
-    apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
-               use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, verbose=verbose)
+    apply_lora(model, verbose=verbose, **lora)
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     return model.train()
 
 
 def make_loss(cfg, model, world, device):
-    """CausalLMLoss, fused unless --loss plain or lm_head has an adapter; under torchrun, in DDP."""
+    """CausalLMLoss, fused unless --loss plain or lm_head has an adapter; under torchrun, in DDP,
+    or with --fsdp sharded (its own parameters: embeddings, final norm, lm_head; the blocks are already)."""
     loss_fn = CausalLMLoss(model, fused=cfg.loss == "fused" and fused_loss_applies(model))
+    if cfg.fsdp:
+        return fsdp.shard_root(loss_fn, cfg.fsdp_cpu_offload)
     if world == 1:
         return loss_fn
     on_cuda = torch.device(device).type == "cuda"
@@ -452,9 +505,9 @@ def train(cfg, rank=0, world=1, device="cpu"):
 
     # model, loss, optimizer: only the adapters' A and B train
     model = build_model(cfg, path, device, world, verbose=rank == 0)
+    loss_fn = make_loss(cfg, model, world, device)  # before the optimizer: FSDP replaces the parameters
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
-    loss_fn = make_loss(cfg, model, world, device)
 
     # resume: adapter weights, optimizer state, RNG state and step from the newest checkpoint
     step = 0
@@ -514,7 +567,7 @@ def train(cfg, rank=0, world=1, device="cpu"):
 
             # checkpoint: every save_every steps, and when Ctrl-C / SIGTERM reached any rank
             interrupted = all_sum(torch.tensor(float(stop["signal"] is not None), device=device), world).item() > 0
-            if rank == 0 and (interrupted or (save_every and step % save_every == 0 and step < total_steps)):
+            if interrupted or (save_every and step % save_every == 0 and step < total_steps):
                 save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch}, cfg.keep_checkpoints)
             if interrupted:
                 if world > 1:
@@ -524,10 +577,11 @@ def train(cfg, rank=0, world=1, device="cpu"):
                                   f"continue with: python train.py --output_dir {out} --resume")
 
     # the adapter, in PEFT's format
-    if rank == 0:
-        save_adapter(model, out, base_model_name_or_path=cfg.model_path)
-        say(f"adapter saved to {out} ({step} steps, {time.perf_counter() - t_start:.0f} s)")
-        observer.finish(step)
+    with fsdp.gathered_lora(model):
+        if rank == 0:
+            save_adapter(model, out, base_model_name_or_path=cfg.model_path)
+    observer.finish(step)
+    say(f"adapter saved to {out} ({step} steps, {time.perf_counter() - t_start:.0f} s)")
     if world > 1:
         dist.barrier()  # no rank tears the process group down while rank 0 still writes
     return model
@@ -536,7 +590,11 @@ def train(cfg, rank=0, world=1, device="cpu"):
 def main(argv=None):
     with exit_on_input_error("train.py"):
         cfg = parse_args(argv)
-    rank, world, device = setup_distributed()
+        if cfg.estimate_memory:
+            import memory
+            print(memory.format_estimate(memory.estimate_for_run(cfg)))
+            return
+    rank, world, device = setup_distributed(cfg.fsdp)
     threads = cpu_threads()
     if device.type == "cpu" and threads != torch.get_num_threads():
         print(f"cpu: {threads} threads, not {torch.get_num_threads()}: other processes keep cores busy "
@@ -553,7 +611,7 @@ def main(argv=None):
         print("train.py: interrupted, nothing saved", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     finally:
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

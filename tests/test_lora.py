@@ -553,7 +553,7 @@ def test_qlora_on_smollm2_learns(smollm2):
     model = Transformer.from_pretrained(smollm2, dtype=torch.bfloat16, quantize="nf4")
     apply_lora(model, r=8, alpha=16, target_modules="all-linear", verbose=False)
     model.train()
-    frozen = {n: b.clone() for n, b in model.named_buffers() if "packed" in n or "absmax" in n}
+    frozen = {n: b.clone() for n, b in model.named_parameters() if "packed" in n or "absmax" in n}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(4):
@@ -563,7 +563,7 @@ def test_qlora_on_smollm2_learns(smollm2):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
-    assert frozen and all(torch.equal(b, frozen[n]) for n, b in model.named_buffers() if n in frozen)
+    assert frozen and all(torch.equal(b, frozen[n]) for n, b in model.named_parameters() if n in frozen)
 
 
 # --- DoRA -----------------------------------------------------------------------------------------

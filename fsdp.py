@@ -1,0 +1,175 @@
+"""Fully sharded data parallel training with PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard).
+
+DDP keeps a whole model on every rank. FSDP cuts every parameter along dim 0 into one piece per
+rank (the last padded), so each rank holds 1/world of the frozen base (NF4 or 16-bit), of the
+LoRA weights, of their gradients and of the optimizer states. Each transformer block is one FSDP
+unit, and the root (embeddings, final norm, lm_head, with the module the step calls) is another.
+What is gathered, and when:
+  forward   a block's parameters are all-gathered just before it runs and freed after it
+            (reshard_after_forward), so one block is whole at a time (two while the next is
+            gathered); the root is whole for the whole step, its forward containing the blocks';
+  backward  each block is gathered again; its LoRA gradients are reduce-scattered, each rank
+            keeping the sum over ranks of its own piece (divided by world: the mean, as DDP);
+  step      the optimizer updates only this rank's pieces (DTensors), no communication;
+  saving    the LoRA weights (and their optimizer states) are gathered whole, rank 0 writes them:
+            the adapter on disk is an ordinary PEFT adapter, the same as in one process.
+Loading never holds the whole model in 16 bits: blocks are read one at a time from the safetensors
+files (memory-mapped), quantized, given their LoRA weights and sharded before the next is read.
+
+    model = load_sharded(path, torch.bfloat16, device, quantize=True, lora=dict(r=16, ...))
+    loss_fn = shard_root(CausalLMLoss(model))  # the module whose forward runs model and loss
+"""
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from lora import apply_lora, lora_layers, targetable_linears
+from model import CheckpointError, Config, Transformer, rope_inv_freq, weight_files
+from quant import NF4Linear, is_nf4_target
+
+
+def _shard(module, cpu_offload):
+    # CPU offload pins the host copies for fast copies to the GPU; a CPU run has nothing to pin
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    fully_shard(module, offload_policy=offload)
+    # Gradients: reduce with SUM, then divide by world (the mean, as DDP), rather than the default
+    # ReduceOp.AVG, which not every backend and version has implemented (gloo has summed).
+    module.set_force_sum_reduction_for_comms(True)
+
+
+def load_sharded(path, dtype, device, quantize, lora, cpu_offload=False):
+    """A Transformer from checkpoint folder `path` with LoRA (apply_lora's keyword arguments) and
+    every block sharded over the process group; shard_root(...) must follow, around the module
+    that calls the model. Peak memory: about one block in `dtype`, plus this rank's shards."""
+    from safetensors import safe_open
+
+    config = Config.from_json(path / "config.json")
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    found = {k for k in files if not k.endswith("rotary_emb.inv_freq")}
+    if config.tie_word_embeddings:
+        found.discard("lm_head.weight")  # some tied checkpoints store it anyway
+    if bad := sorted(expected ^ found):
+        what = "missing" if bad[0] in expected else "unexpected"
+        raise CheckpointError(f"{path}: {what} tensor {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+
+    def read(key, shape):
+        # A file opened per tensor: its memory map, and the pages read through it, go with the
+        # tensor once it is sharded; one long-lived handle would keep every page read so far.
+        try:
+            with safe_open(path / files[key], framework="pt", device="cpu") as f:
+                t = f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise CheckpointError(f"{path / files[key]}: not a readable safetensors file ({e})") from None
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{path / files[key]}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        return t.to(device=device, dtype=dtype)
+
+    # LoRA first, around empty stand-ins of the frozen weights: apply_lora draws the initial A
+    # weights from the RNG in the same order as in one process (the same adapter at step 0),
+    # and the stand-ins cost nothing; the real weights replace them block by block.
+    for layer in targetable_linears(model).values():
+        for k, p in list(layer.named_parameters(recurse=False)):
+            setattr(layer, k, nn.Parameter(torch.empty(0), requires_grad=False))
+    apply_lora(model, verbose=False, **lora)
+
+    def load(module, prefix):
+        """Read the frozen weights of `module` (a block, or the root's own layers) into place."""
+        for name, sub in list(module.named_modules()):
+            if {"lora_A", "lora_B"} & set(name.split(".")):
+                continue  # LoRA weights: already real, from apply_lora
+            own = dict(sub.named_parameters(recurse=False))
+            key = ".".join(c for c in f"{prefix}{name}".split(".") if c not in ("", "base"))  # the checkpoint's name
+            if not own or (config.tie_word_embeddings and key == "lm_head"):
+                continue
+            shapes = {"weight": (sub.out_features, sub.in_features), "bias": (sub.out_features,)} if isinstance(sub, nn.Linear) else {}
+            tensors = {k: read(f"{key}.{k}", shapes.get(k, p.shape)) for k, p in own.items()}
+            if quantize and is_nf4_target(key, sub):
+                parent, _, child = name.rpartition(".")
+                setattr(module.get_submodule(parent), child, NF4Linear.from_weight(tensors["weight"], tensors.get("bias")))
+            else:
+                for k, t in tensors.items():
+                    setattr(sub, k, nn.Parameter(t, requires_grad=False))
+
+    for i, block in enumerate(model.model.layers):
+        load(block, f"model.layers.{i}.")
+        _shard(block, cpu_offload)  # each rank keeps its piece; the whole block is freed
+    for name in ("model.embed_tokens", "model.norm", "lm_head"):
+        load(model.get_submodule(name), name + ".")
+    if config.tie_word_embeddings:
+        head = model.lm_head.base if hasattr(model.lm_head, "base") else model.lm_head
+        head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(config).to(device)
+    return model
+
+
+def shard_root(root, cpu_offload=False):
+    """Shard what is left outside the blocks (embeddings, final norm, lm_head) as one unit around
+    `root`, the module whose forward the training step calls (the model, or a loss around it).
+    Call it before making the optimizer: sharding replaces each parameter by a new one."""
+    _shard(root, cpu_offload)
+    return root
+
+
+@contextmanager
+def no_sync(loss_fn):
+    """Within, backward accumulates gradients without reducing them over ranks: all but the last
+    micro batch of a step. DDP's no_sync, or its FSDP equivalent."""
+    if not isinstance(loss_fn, FSDPModule):
+        with loss_fn.no_sync():
+            yield
+        return
+    loss_fn.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        loss_fn.set_requires_gradient_sync(True)
+
+
+@contextmanager
+def gathered_lora(model, write_back=False):
+    """Inside, every rank's LoRA weights are whole ordinary tensors, so save_adapter writes the
+    usual PEFT file; on leaving, the shards are put back (with write_back, after taking this rank's
+    piece of what was written into the whole tensors). Every rank must enter: it all-gathers.
+    Without FSDP there is nothing to gather and nothing changes."""
+    swapped = []
+    for _, layer in lora_layers(model):
+        for linear in [*layer.lora_A.values(), *layer.lora_B.values()]:
+            if isinstance(linear.weight, DTensor):
+                shard = linear.weight
+                linear.weight = nn.Parameter(shard.full_tensor().detach(), requires_grad=False)
+                swapped.append((linear, shard))
+    try:
+        yield model
+    finally:
+        for linear, shard in swapped:
+            if write_back:
+                with torch.no_grad():
+                    piece = distribute_tensor(linear.weight.to(shard.device), shard.device_mesh, shard.placements)
+                    shard.to_local().copy_(piece.to_local())
+            linear.weight = shard
+
+
+def full_optimizer_state(optimizer):
+    """optimizer.state_dict() with every sharded state gathered whole: the same layout as in one
+    process, so a checkpoint does not depend on the world size. Every rank must call it."""
+    sd = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: build new ones
+    whole = lambda v: v.full_tensor() if isinstance(v, DTensor) else v
+    return {**sd, "state": {idx: {k: whole(v) for k, v in state.items()} for idx, state in sd["state"].items()}}
+
+
+def load_optimizer_state(optimizer, sd):
+    """optimizer.load_state_dict for whole states (full_optimizer_state's layout): under FSDP each
+    state is first cut into this rank's piece, placed like the parameter it belongs to."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx, state in sd["state"].items():
+        p = params[int(idx)]
+        for k, v in state.items():
+            if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape:
+                state[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+    optimizer.load_state_dict(sd)

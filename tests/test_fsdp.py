@@ -1,0 +1,211 @@
+"""fsdp.py and memory.py on CPU (gloo, 2 processes): --fsdp against one process, resume under FSDP,
+NF4 storage sharded and gathered, per-rank memory against DDP, --estimate_memory against a measured peak."""
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import data
+import train
+from conftest import ROOT, chat, tiny_config, write_jsonl, write_tiny_tokenizer
+from test_model import write_checkpoint
+from test_train import TINY, config, losses, max_error
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone"]
+
+
+def make_checkpoint(path, **kw):
+    """A random model saved as a Hugging Face folder with a ChatML word-level tokenizer (ids < 128)."""
+    from model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**kw))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)  # wider logit gaps, so the loss can fall (see conftest)
+    write_checkpoint(path, model)
+    write_tiny_tokenizer(path)
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "add_bos_token": False,
+        "chat_template": "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+def adapter(out):
+    return load_file(out / "adapter_model.safetensors")
+
+
+def spawn(worker, tmp_path, *args):
+    """Run worker(rank, tmp_path, *args) in 2 processes (torch.multiprocessing), which join a gloo
+    group through a file in tmp_path (no network port to collide with other tests')."""
+    mp.start_processes(worker, args=(tmp_path, *args), nprocs=2, start_method="spawn")
+
+
+def join_group(rank, tmp_path):
+    """rank, world size, device, as train.setup_distributed returns them under torchrun."""
+    torch.set_num_threads(1)
+    train.dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=rank, world_size=2)
+    return rank, 2, torch.device("cpu")
+
+
+ALL_AND_HEAD = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"  # lm_head's adapter is in the root unit
+
+
+@pytest.mark.parametrize("flags", [["--target_modules", ALL_AND_HEAD],
+                                   ["--load_in_4bit", "--gradient_checkpointing", "--fsdp_cpu_offload"]],
+                         ids=["lora-with-lm_head", "qlora-checkpointing-offload"])
+def test_fsdp_matches_one_process(tiny, tmp_path, flags):
+    # One process, 4 micro batches of 2 per step, against torchrun --fsdp: 2 ranks x 2 micro batches
+    # of 2 (accumulated without sync, then reduce-scattered). The same rows in each step: the same
+    # loss at every step (fp32, atol 1e-5) and the same final adapter (max error 1e-4 of the largest entry).
+    one = config(tiny, tmp_path, output_dir=str(tmp_path / "one"), num_epochs=4, effective_batch_size=8,
+                 load_in_4bit="--load_in_4bit" in flags, gradient_checkpointing="--gradient_checkpointing" in flags,
+                 target_modules=ALL_AND_HEAD if ALL_AND_HEAD in flags else "all-linear")
+    train.train(one)
+    args = ["train.py", "--model_path", str(tiny), "--data_path", one.data_path, "--output_dir", str(tmp_path / "two"),
+            "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--learning_rate", "1e-2", "--warmup_steps", "2",
+            "--micro_batch_size", "2", "--effective_batch_size", "8", "--num_epochs", "4", "--save_every", "0",
+            "--seed", "0", "--fsdp", *flags]
+    r = subprocess.run(TORCHRUN + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    full, sharded = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert full.keys() == sharded.keys() and max_error([sharded[k] for k in full], [full[k] for k in full]) < 1e-4
+    assert json.loads((tmp_path / "two" / "adapter_config.json").read_text())["r"] == 8, "an ordinary PEFT adapter"
+
+
+def _resume_worker(rank, tmp_path, base):
+    rank, world, device = join_group(rank, tmp_path)
+    cfg = lambda name, **kw: dataclasses.replace(base, output_dir=str(tmp_path / name), **kw)
+    train.train(cfg("full"), rank, world, device)
+    real, calls = data.step_batches, []
+
+    def step_batches(*a):  # SIGTERM reaches rank 0 while step 3 runs
+        calls.append(1)
+        if rank == 0 and len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a)
+
+    data.step_batches = step_batches
+    try:
+        train.train(cfg("cut"), rank, world, device)
+        raise AssertionError("the run was not interrupted")
+    except train.Interrupted:
+        pass
+    data.step_batches = real
+    train.train(cfg("cut", resume=True), rank, world, device)
+    train.dist.destroy_process_group()
+
+
+def test_fsdp_resume_after_interruption_gives_the_same_adapter(tiny, tmp_path):
+    # 2 ranks under FSDP, dropout on (each rank's RNG state is saved); SIGTERM on one rank mid-step:
+    # both finish the step, save step 3 (gathered), exit; --resume continues to the same adapter and
+    # losses as the uninterrupted run (bitwise).
+    # rows of different lengths: the ranks draw different numbers of dropout masks, so their RNG states differ
+    rows = [chat(" ".join(f"w{j}" for j in range(i + 1)), f"w{i + 20} w{i + 40}") for i in range(8)]
+    base = config(tiny, tmp_path, micro_batch_size=1, num_epochs=3, save_every=2, keep_checkpoints=0, lora_dropout=0.1,
+                  fsdp=True, data_path=str(write_jsonl(tmp_path / "varied.jsonl", rows)))  # the ranks only read it
+    spawn(_resume_worker, tmp_path, base)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2", "step-3", "step-4"]
+    full, resumed = adapter(tmp_path / "full"), adapter(tmp_path / "cut")
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+
+
+def _nf4_worker(rank, tmp_path):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from quant import NF4Linear
+
+    join_group(rank, tmp_path)
+    torch.manual_seed(0)
+    w = torch.randn(96, 70) * torch.rand(96, 1)  # 6720 weights: 105 blocks, 3360 packed bytes
+    layer = NF4Linear.from_weight(w)
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    expected = layer.dequantize()
+    fully_shard(layer)
+    pieces = {n: p.to_local().numel() for n, p in layer.named_parameters() if isinstance(p, DTensor)}
+    layer.unshard()  # all-gathers the codes and statistics, as before a forward
+    same = all(torch.equal(p, before[n]) for n, p in layer.named_parameters())
+    if rank == 0:
+        torch.save({"pieces": pieces, "sizes": {n: t.numel() for n, t in before.items()}, "same_bytes": same,
+                    "same_weight": torch.equal(layer.dequantize(), expected),
+                    "same_output": torch.equal(layer(torch.ones(3, 70)), torch.ones(3, 70) @ expected.T)},
+                   tmp_path / "result.pt")
+    train.dist.destroy_process_group()
+
+
+def test_nf4_storage_sharded_and_gathered_dequantizes_as_before(tmp_path):
+    spawn(_nf4_worker, tmp_path)
+    r = torch.load(tmp_path / "result.pt")
+    assert r["pieces"] == {n: -(-s // 2) for n, s in r["sizes"].items()}, "each rank holds half of every tensor"
+    assert r["same_bytes"], "gathered codes and statistics equal the ones quantize_nf4 wrote"
+    assert r["same_weight"] and r["same_output"], "the gathered layer dequantizes and computes as before sharding"
+
+
+@pytest.fixture(scope="module")
+def weighty(tmp_path_factory):
+    """A model whose weights (fp32, ~100 MB) dominate its training memory, with rows of 32 tokens."""
+    root = tmp_path_factory.mktemp("weighty")
+    ckpt = make_checkpoint(root / "ckpt", hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                           num_attention_heads=8, num_key_value_heads=4, vocab_size=4096)
+    rows = [{"text": " ".join(f"w{(7 * i + j) % 120 + 3}" for j in range(64))} for i in range(8)]
+    return ckpt, write_jsonl(root / "rows.jsonl", rows)
+
+
+def measure(launcher, ckpt, rows, warmup, out, *flags):
+    """{"peak": [bytes per rank], "estimate": bytes} from tests/measure_peak.py."""
+    args = ["tests/measure_peak.py", str(warmup), "--model_path", str(ckpt), "--data_path", str(rows),
+            "--output_dir", str(out), "--micro_batch_size", "2", "--effective_batch_size", "4", "--max_steps", "1",
+            "--max_seq_len", "32", "--lora_r", "8", "--lora_dropout", "0", "--precision", "fp32", "--save_every", "0", *flags]
+    r = subprocess.run(launcher + args, cwd=ROOT, env={**ENV, "MALLOC_MMAP_THRESHOLD_": "65536"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    peaks = dict(re.findall(r"^peak (\d) (\d+)$", r.stdout, re.M))
+    return {"peak": [int(peaks[k]) for k in sorted(peaks)], "estimate": int(re.search(r"^estimate (\d+)$", r.stdout, re.M)[1])}
+
+
+def test_estimate_memory_reads_only_config_json_and_writes_nothing(tiny, tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text((tiny / "config.json").read_text())  # no weights, no tokenizer
+    r = subprocess.run([sys.executable, "train.py", "--model_path", str(tmp_path / "model"), "--output_dir",
+                        str(tmp_path / "out"), "--estimate_memory", "--load_in_4bit", "--fsdp", "--world_size", "8"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for line in ("base nf4", "lora", "grads", "optimizer", "activations (no checkpointing)",
+                 "activations (checkpointing)", "largest transient", "total", "FSDP over 8"):
+        assert line in r.stdout, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "nothing written"
+
+
+def test_estimate_is_within_15_percent_of_the_measured_peak(weighty, tiny, tmp_path):
+    # One process, LoRA on an fp32 base: --estimate_memory's total against the measured peak.
+    ckpt, rows = weighty
+    m = measure([sys.executable], ckpt, rows, tiny, tmp_path / "one")
+    assert abs(m["estimate"] - m["peak"][0]) < 0.15 * m["peak"][0], m
+
+
+def test_fsdp_rank_holds_about_half_of_what_a_ddp_rank_holds(weighty, tiny, tmp_path):
+    # Each rank's measured peak under --fsdp against DDP's: the base (nearly all of it) is halved;
+    # and --estimate_memory --fsdp --world_size 2 within 15% of the FSDP ranks' peak.
+    ckpt, rows = weighty
+    ddp = measure(TORCHRUN, ckpt, rows, tiny, tmp_path / "ddp")
+    fsdp = measure(TORCHRUN, ckpt, rows, tiny, tmp_path / "fsdp", "--fsdp")
+    assert len(ddp["peak"]) == len(fsdp["peak"]) == 2
+    assert max(fsdp["peak"]) < 0.7 * min(ddp["peak"]), (fsdp, ddp)
+    assert abs(fsdp["estimate"] - max(fsdp["peak"])) < 0.15 * max(fsdp["peak"]), fsdp
