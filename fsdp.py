@@ -36,7 +36,8 @@ def _shard(module, cpu_offload):
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     fully_shard(module, offload_policy=offload)
     # Gradients: reduce with SUM, then divide by world (the mean, as DDP), rather than the default
-    # ReduceOp.AVG, which not every backend and version has implemented (gloo has summed).
+    # ReduceOp.AVG, which backends implement unevenly (gloo's all-reduce has none). The tests
+    # compare against one process, not against FSDP itself, so a sum would show.
     module.set_force_sum_reduction_for_comms(True)
 
 

@@ -88,6 +88,33 @@ def test_fsdp_matches_one_process(tiny, tmp_path, flags):
     assert json.loads((tmp_path / "two" / "adapter_config.json").read_text())["r"] == 8, "an ordinary PEFT adapter"
 
 
+def test_fsdp_without_torchrun_is_a_world_of_one(tiny, tmp_path):
+    # python train.py --fsdp: a process group of one; the same adapter as without --fsdp (bitwise on CPU).
+    cfg = config(tiny, tmp_path, output_dir=str(tmp_path / "plain"), num_epochs=1)
+    train.train(cfg)
+    argv = ["--model_path", str(tiny), "--data_path", cfg.data_path, "--output_dir", str(tmp_path / "fsdp"), "--lora_r", "8",
+            "--lora_alpha", "16", "--lora_dropout", "0", "--learning_rate", "1e-2", "--warmup_steps", "2",
+            "--micro_batch_size", "2", "--effective_batch_size", "4", "--num_epochs", "1", "--save_every", "0",
+            "--seed", "0", "--fsdp"]
+    train.main(argv)
+    assert not train.dist.is_initialized(), "the group of one is torn down"
+    plain, sharded = adapter(tmp_path / "plain"), adapter(tmp_path / "fsdp")
+    assert plain.keys() == sharded.keys() and all(torch.equal(plain[k], sharded[k]) for k in plain)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fsdp", "--enable_model_splitting"], "--fsdp and --enable_model_splitting exclude each other"),
+    (["--fsdp_cpu_offload"], "--fsdp_cpu_offload needs --fsdp"),
+    (["--fsdp", "--optimizer", "adamw8bit"], "--optimizer adamw8bit: bitsandbytes' 8-bit optimizers do not take sharded"),
+    (["--estimate_memory", "--world_size", "0"], "--world_size must be positive"),
+])
+def test_bad_fsdp_flags_are_one_line_exit_2(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(flags)
+    err = capsys.readouterr().err  # argparse's usage, then one line: "<program>: error: <message>"
+    assert e.value.code == 2 and f"error: {message}" in err.splitlines()[-1]
+
+
 def _resume_worker(rank, tmp_path, base):
     rank, world, device = join_group(rank, tmp_path)
     cfg = lambda name, **kw: dataclasses.replace(base, output_dir=str(tmp_path / name), **kw)
