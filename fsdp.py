@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lora import apply_lora, lora_layers, targetable_linears
+from lora import apply_lora, lora_layers, targetable_layers
 from model import CheckpointError, Config, Transformer, rope_inv_freq, weight_files
 from quant import NF4Linear, is_nf4_target
 
@@ -74,7 +74,7 @@ def load_sharded(path, dtype, device, quantize, lora, cpu_offload=False):
     # LoRA first, around empty stand-ins of the frozen weights: apply_lora draws the initial A
     # weights from the RNG in the same order as in one process (the same adapter at step 0),
     # and the stand-ins cost nothing; the real weights replace them block by block.
-    for layer in targetable_linears(model).values():
+    for layer in targetable_layers(model).values():
         for k, p in list(layer.named_parameters(recurse=False)):
             setattr(layer, k, nn.Parameter(torch.empty(0), requires_grad=False))
     apply_lora(model, verbose=False, **lora)

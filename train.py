@@ -139,6 +139,10 @@ def parse_args(argv=None):
         p.error("--fsdp and --enable_model_splitting exclude each other (FSDP spreads the model over processes)")
     if cfg.fsdp_cpu_offload and not cfg.fsdp:
         p.error("--fsdp_cpu_offload needs --fsdp")
+    if cfg.fsdp and (cfg.use_dora or "embed_tokens" in cfg.target_modules):
+        # both start from the frozen weight (DoRA's magnitude is its row norms), which --fsdp reads
+        # only after the adapters are made
+        p.error("--use_dora and an embed_tokens target do not work with --fsdp yet")
     if cfg.fsdp and cfg.eval_prompts:  # rank 0 generates alone, and a sharded model needs every rank
         p.error("--eval_prompts does not work with --fsdp yet: use it in a run without --fsdp")
     if cfg.fsdp and cfg.optimizer != "adamw":
