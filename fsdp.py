@@ -75,6 +75,8 @@ def load_sharded(path, dtype, device, quantize, lora, cpu_offload=False):
     # weights from the RNG in the same order as in one process (the same adapter at step 0),
     # and the stand-ins cost nothing; the real weights replace them block by block.
     for layer in targetable_layers(model).values():
+        if not isinstance(layer, nn.Linear):
+            continue  # the embeddings: no adapter under --fsdp (train.py refuses it), read whole below
         for k, p in list(layer.named_parameters(recurse=False)):
             setattr(layer, k, nn.Parameter(torch.empty(0), requires_grad=False))
     apply_lora(model, verbose=False, **lora)
