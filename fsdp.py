@@ -140,22 +140,24 @@ def gathered_lora(model, write_back=False):
     usual PEFT file; on leaving, the shards are put back (with write_back, after taking this rank's
     piece of what was written into the whole tensors). Every rank must enter: it all-gathers.
     Without FSDP there is nothing to gather and nothing changes."""
-    swapped = []
+    swapped = []  # (module, attribute, shard)
     for _, layer in lora_layers(model):
-        for linear in [*layer.lora_A.values(), *layer.lora_B.values()]:
-            if isinstance(linear.weight, DTensor):
-                shard = linear.weight
-                linear.weight = nn.Parameter(shard.full_tensor().detach(), requires_grad=False)
-                swapped.append((linear, shard))
+        for name, p in list(layer.named_parameters()):
+            if isinstance(p, DTensor) and p.requires_grad:  # the adapter's tensors, not the frozen base
+                owner, _, attr = name.rpartition(".")
+                owner = layer.get_submodule(owner)
+                setattr(owner, attr, nn.Parameter(p.full_tensor().detach(), requires_grad=False))
+                swapped.append((owner, attr, p))
     try:
         yield model
     finally:
-        for linear, shard in swapped:
+        for owner, attr, shard in swapped:
             if write_back:
                 with torch.no_grad():
-                    piece = distribute_tensor(linear.weight.to(shard.device), shard.device_mesh, shard.placements)
+                    whole = getattr(owner, attr)
+                    piece = distribute_tensor(whole.to(shard.device), shard.device_mesh, shard.placements)
                     shard.to_local().copy_(piece.to_local())
-            linear.weight = shard
+            setattr(owner, attr, shard)
 
 
 def full_optimizer_state(optimizer):
