@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -30,12 +29,13 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
-from data import IGNORE
 import fsdp
+from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from data import IGNORE
 from hub import DEFAULT_MODEL, resolve_checkpoint
-from lora import apply_lora, count_parameters, load_adapter_weights, save_adapter
+from lora import apply_lora, count_parameters, save_adapter
 from loss import CausalLMLoss, fused_loss_applies
-from model import InputError, Transformer, default_device, default_dtype, exit_on_input_error, written_atomically
+from model import InputError, Transformer, default_device, default_dtype, exit_on_input_error
 from observe import Observer
 from tokenizer import TEMPLATES, Tokenizer
 
@@ -227,112 +227,6 @@ def evaluate(loss_fn, rows, pad_id, micro_batch_size, device, rank, world):
 
 def batch_to(b, device):
     return {k: v.to(device) if v is not None else None for k, v in b.items()}
-
-
-# --- checkpoints: safetensors for tensors, JSON for the rest, never pickle ---------------------
-
-def save_checkpoint(out, model, optimizer, state, keep=0):
-    """out/checkpoints/step-N, complete whenever it exists; then all but the `keep` newest are deleted.
-    Every rank calls it and rank 0 writes: under FSDP the adapter and the optimizer states are
-    gathered whole first, so the files are the same as in one process."""
-    from safetensors.torch import save_file
-
-    t0 = time.perf_counter()
-    final = out / "checkpoints" / f"step-{state['step']}"
-    with fsdp.gathered_lora(model):
-        opt_state = fsdp.full_optimizer_state(optimizer)
-        rng = {"cpu": every_rank(torch.get_rng_state())}
-        if torch.cuda.is_available():
-            rng["cuda"] = every_rank(torch.cuda.get_rng_state())
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return
-        with written_atomically(final) as tmp:
-            save_adapter(model, tmp)
-            tensors, opt_json = flatten_optimizer(opt_state)
-            for kind, states in rng.items():  # rng.cpu (rank 0), rng.cpu.1, ...: each rank's own dropout
-                tensors.update({f"rng.{kind}" + (f".{r}" if r else ""): state for r, state in enumerate(states)})
-            save_file(tensors, tmp / "trainer_state.safetensors")
-            (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer": opt_json}, indent=1))
-    if keep:
-        for old in checkpoints(out)[:-keep]:
-            shutil.rmtree(old)
-    size = sum(f.stat().st_size for f in final.iterdir())
-    tqdm.write(f"saved {final} ({size / 1e6:.0f} MB, {time.perf_counter() - t0:.1f} s)")
-
-
-def every_rank(state):
-    """[rank 0's, rank 1's, ...] of a per-process tensor (a RNG state), gathered to every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [state]
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    states = [torch.empty_like(state, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(states, state.to(device))
-    return [s.cpu() for s in states]
-
-
-def checkpoints(out):
-    """out/checkpoints/step-N folders, oldest first (by N as a number: step-9 before step-10)."""
-    steps = {}
-    for p in (out / "checkpoints").glob("step-*"):
-        n = p.name.removeprefix("step-")
-        if n.isdigit():  # not step-N.tmp, a checkpoint being written
-            steps[int(n)] = p
-    return [steps[n] for n in sorted(steps)]
-
-
-def latest_checkpoint(out):
-    found = checkpoints(out)
-    return found[-1] if found else None
-
-
-def load_checkpoint(path, model, optimizer):
-    from safetensors.torch import load_file
-
-    with fsdp.gathered_lora(model, write_back=True):  # FSDP: each rank keeps its piece of the adapter
-        load_adapter_weights(model, path)
-    tensors = load_file(path / "trainer_state.safetensors")
-    state = json.loads((path / "trainer_state.json").read_text())
-    fsdp.load_optimizer_state(optimizer, unflatten_optimizer(tensors, state.pop("optimizer")))
-    rank = f".{dist.get_rank()}" if dist.is_initialized() and dist.get_rank() else ""
-    torch.set_rng_state(tensors.get(f"rng.cpu{rank}", tensors["rng.cpu"]))
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors.get(f"rng.cuda{rank}", tensors["rng.cuda"]))
-    return state
-
-
-def flatten_optimizer(sd):
-    """Optimizer state -> ({"opt.<param>.<name>": tensor}, JSON-able rest). Nested dicts get dotted
-    names: bitsandbytes' 8-bit optimizers keep their states one level down, as
-    opt.0.__bnb_optimizer_quant_state__.state1."""
-    tensors, scalars = {}, {}
-
-    def walk(prefix, d):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(f"{prefix}.{k}", v)
-            elif torch.is_tensor(v):
-                # a copy: safetensors refuses tensors that share memory, and bitsandbytes gives every
-                # parameter the same quantization maps (qmap1, qmap2); an adapter's state is small
-                tensors[f"opt.{prefix}.{k}"] = v.clone(memory_format=torch.contiguous_format)
-            else:
-                scalars[f"{prefix}.{k}"] = v
-
-    for idx, s in sd["state"].items():
-        walk(str(idx), s)
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def unflatten_optimizer(tensors, js):
-    """The inverse of flatten_optimizer: dotted names back to nested dicts under each parameter."""
-    state = {}
-    named = [(k.removeprefix("opt."), v) for k, v in tensors.items() if k.startswith("opt.")]
-    for key, v in named + list(js["scalars"].items()):
-        idx, *path, name = key.split(".")
-        d = state.setdefault(int(idx), {})
-        for k in path:
-            d = d.setdefault(k, {})
-        d[name] = v
-    return {"state": state, "param_groups": js["param_groups"]}
 
 
 # --- setup -------------------------------------------------------------------------------------
