@@ -22,9 +22,6 @@ base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight.
 """
 import json
 import math
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from itertools import chain
@@ -33,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model import InputError
+from model import InputError, written_atomically
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key = prefix + module name + ".lora_A.weight"
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -396,14 +393,10 @@ def save_adapter(model, path, adapter_name="default", base_model_name_or_path=No
                   alpha_pattern={})
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=path))
-    try:
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        for file in (WEIGHTS_FILE, CONFIG_FILE):
-            os.replace(tmp / file, path / file)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with written_atomically(path / WEIGHTS_FILE) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with written_atomically(path / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def read_adapter(path):
