@@ -27,23 +27,16 @@ import torch.nn as nn
 from lora import LoRAEmbedding, LoRALinear, base_weight
 
 
-class DoRALinear(LoRALinear):
-    """A LoRALinear whose adapters may be DoRA ones, m in lora_magnitude_vector[name]. A layer
-    becomes one when its first DoRA adapter is added; its plain LoRA adapters compute as before."""
+class Magnitude:
+    """What DoRALinear and DoRAEmbedding share: a trained magnitude m per DoRA adapter, its
+    starting value, its key on disk, and merging. norm_dim is the dimension the norms run along:
+    1 for a linear weight's rows (out, in), 0 for an embedding table's columns (vocab, dim)."""
+    norm_dim = 1
 
     def __init__(self, base):
         super().__init__(base)
-        self.lora_magnitude_vector = nn.ParameterDict()  # adapter name -> m (out,)
-        self.merged_norm = None  # ||V||_row of the merged adapter, to unmerge with
-
-    @classmethod
-    def from_lora(cls, layer):
-        """The same base and LoRA adapters, able to hold DoRA ones too."""
-        dora = cls(layer.base)
-        dora.lora_A, dora.lora_B, dora.lora_dropout = layer.lora_A, layer.lora_B, layer.lora_dropout
-        dora.settings, dora.scaling = layer.settings, layer.scaling
-        dora.active, dora.disabled = layer.active, layer.disabled
-        return dora
+        self.lora_magnitude_vector = nn.ParameterDict()  # adapter name -> m: (out,), or (dim,)
+        self.merged_norm = None  # the norms of the merged adapter's V, to unmerge with
 
     def add_adapter(self, name, settings, dtype=torch.float32):
         super().add_adapter(name, settings, dtype)
@@ -58,9 +51,38 @@ class DoRALinear(LoRALinear):
 
     @torch.no_grad()  # a constant in backward
     def weight_norm(self, name, dtype):
-        """||W + scaling * B @ A|| of each output row: (out,). An NF4 weight is dequantized for it:
-        a full-size temporary, and the time of one more dequantization, per layer and forward."""
-        return torch.linalg.norm(base_weight(self.base).to(dtype) + self.delta_weight(name).to(dtype), dim=1)
+        """||W + scaling * B @ A|| along norm_dim. An NF4 weight is dequantized for it: a full-size
+        temporary, and the time of one more dequantization, per layer and forward."""
+        v = base_weight(self.base).to(dtype) + self.delta_weight(name).to(dtype)
+        return torch.linalg.norm(v, dim=self.norm_dim)
+
+    def merged_weight(self, w, name):
+        if name not in self.lora_magnitude_vector:
+            return super().merged_weight(w, name)
+        v = w + self.delta_weight(name)
+        self.merged_norm = torch.linalg.norm(v, dim=self.norm_dim)  # of the unmerged V, as the forward takes it
+        g = self.lora_magnitude_vector[name].float() / self.merged_norm
+        return g.unsqueeze(self.norm_dim) * v
+
+    def unmerged_weight(self, w, name):
+        if name not in self.lora_magnitude_vector:
+            return super().unmerged_weight(w, name)
+        g = self.lora_magnitude_vector[name].float() / self.merged_norm
+        return w / g.unsqueeze(self.norm_dim) - self.delta_weight(name)
+
+
+class DoRALinear(Magnitude, LoRALinear):
+    """A LoRALinear whose adapters may be DoRA ones, m in lora_magnitude_vector[name]. A layer
+    becomes one when its first DoRA adapter is added; its plain LoRA adapters compute as before."""
+
+    @classmethod
+    def from_lora(cls, layer):
+        """The same base and LoRA adapters, able to hold DoRA ones too."""
+        dora = cls(layer.base)
+        dora.lora_A, dora.lora_B, dora.lora_dropout = layer.lora_A, layer.lora_B, layer.lora_dropout
+        dora.settings, dora.scaling = layer.settings, layer.scaling
+        dora.active, dora.disabled = layer.active, layer.disabled
+        return dora
 
     def forward(self, x):
         name = self.active
@@ -84,21 +106,8 @@ class DoRALinear(LoRALinear):
             wx = y.to(x.dtype) - rest
         return (rest + g * (wx + s * B(A(x)))).to(y.dtype)
 
-    def merged_weight(self, w, name):
-        if name not in self.lora_magnitude_vector:
-            return super().merged_weight(w, name)
-        v = w + self.delta_weight(name)
-        self.merged_norm = torch.linalg.norm(v, dim=1)  # of the unmerged V, as the forward takes it
-        return (self.lora_magnitude_vector[name].float() / self.merged_norm)[:, None] * v
 
-    def unmerged_weight(self, w, name):
-        if name not in self.lora_magnitude_vector:
-            return super().unmerged_weight(w, name)
-        g = self.lora_magnitude_vector[name].float() / self.merged_norm
-        return w / g[:, None] - self.delta_weight(name)
-
-
-class DoRAEmbedding(LoRAEmbedding):
+class DoRAEmbedding(Magnitude, LoRAEmbedding):
     """A LoRAEmbedding whose adapters may be DoRA ones, as PEFT computes them for embeddings: the
     magnitude is one number per embedding dimension, m: (dim,), and the norms are taken down the
     vocabulary (the columns of the (vocab, dim) table):
@@ -107,10 +116,7 @@ class DoRAEmbedding(LoRAEmbedding):
 
     The norms need the whole (vocab, dim) table in every forward: costly for large vocabularies."""
 
-    def __init__(self, base):
-        super().__init__(base)
-        self.lora_magnitude_vector = nn.ParameterDict()  # adapter name -> m (dim,)
-        self.merged_norm = None
+    norm_dim = 0
 
     @classmethod
     def from_lora(cls, layer):
@@ -119,21 +125,6 @@ class DoRAEmbedding(LoRAEmbedding):
         dora.settings, dora.scaling = layer.settings, layer.scaling
         dora.active, dora.disabled = layer.active, layer.disabled
         return dora
-
-    def add_adapter(self, name, settings, dtype=torch.float32):
-        super().add_adapter(name, settings, dtype)
-        if settings.use_dora:
-            self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name, dtype))
-
-    def adapter_tensors(self, name):
-        tensors = super().adapter_tensors(name)
-        if name in self.lora_magnitude_vector:
-            tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
-        return tensors
-
-    @torch.no_grad()  # a constant in backward
-    def weight_norm(self, name, dtype):
-        return torch.linalg.norm(self.base.weight.to(dtype) + self.delta_weight(name).to(dtype), dim=0)
 
     def forward(self, ids):
         name = self.active
@@ -144,16 +135,3 @@ class DoRAEmbedding(LoRAEmbedding):
         g = self.lora_magnitude_vector[name] / self.weight_norm(name, A.dtype)  # (dim,)
         update = nn.functional.embedding(ids, A.T) @ B.T * self.scaling[name]
         return (g * (y.to(A.dtype) + update)).to(y.dtype)
-
-    def merged_weight(self, w, name):
-        if name not in self.lora_magnitude_vector:
-            return super().merged_weight(w, name)
-        v = w + self.delta_weight(name)
-        self.merged_norm = torch.linalg.norm(v, dim=0)
-        return (self.lora_magnitude_vector[name].float() / self.merged_norm)[None, :] * v
-
-    def unmerged_weight(self, w, name):
-        if name not in self.lora_magnitude_vector:
-            return super().unmerged_weight(w, name)
-        g = self.lora_magnitude_vector[name].float() / self.merged_norm
-        return w / g[None, :] - self.delta_weight(name)
