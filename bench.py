@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from model import Config, Transformer, resolve_checkpoint
+from data import IGNORE
+from model import Config, Transformer, default_device, default_dtype, resolve_checkpoint
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -161,11 +162,11 @@ def train_worker(args):
     """One training configuration in this process; prints a JSON line with its figures."""
     torch.manual_seed(0)
     cuda = torch.device(args.device).type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = default_dtype(args.device)
     B, T = args.micro_batch_size, args.seq_len
     if args.impl == "ours":
         from lora import apply_lora
-        from train import CausalLMLoss
+        from loss import CausalLMLoss
 
         model = our_model(args, dtype, quantize="nf4" if args.qlora else None)
         apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0, target_modules="all-linear", verbose=False)
@@ -174,8 +175,8 @@ def train_worker(args):
         vocab = model.config.vocab_size
 
         def loss_of(ids):
-            targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
-            return loss_fn(ids, targets, None, None) / (targets != -100).sum()
+            targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE)], 1)
+            return loss_fn(ids, targets, None, None) / (targets != IGNORE).sum()
     else:
         import peft
         import transformers
@@ -304,7 +305,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", default=DEFAULT_MODEL)
     p.add_argument("--config_json", help="random weights of this config.json's shape instead of a checkpoint")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--only", default="machine,generate,quantize,train")
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--seq_len", type=int, default=256)
@@ -326,7 +327,7 @@ def main():
     flops, bandwidth = machine(args.device) if only & {"machine", "generate", "train"} else (None, None)
     if "machine" in only:
         print(f"machine: matmul {flops / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtype = default_dtype(args.device)
     if "generate" in only:
         bench_generate(args, dtype, bandwidth)
     if "quantize" in only:

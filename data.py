@@ -129,7 +129,7 @@ def to_text(record, tokenizer, where):
 
 
 def tokenize(record, tokenizer, where, train_on_inputs=False):
-    """One record -> (input_ids, labels): labels[t] = input_ids[t] where learned, else -100."""
+    """One record -> (input_ids, labels): labels[t] = input_ids[t] where learned, else IGNORE."""
     text, spans = to_text(record, tokenizer, where)
     # One encoding of the whole text; a token is learned iff it starts inside a learned span.
     # Encoding prompt and reply apart would not give the same tokens where BPE merges across them.
@@ -152,7 +152,7 @@ def load_dataset(path, tokenizer, max_seq_len, train_on_inputs=False, sample_pac
         stats["n_examples"] += 1
         stats["n_tokens"] += len(ids)
         # An example's first token is never a target (nothing precedes it), so this is exactly the
-        # number of targets != -100 that collate will make, packed or not.
+        # number of targets != IGNORE that collate will make, packed or not.
         stats["n_trained_tokens"] += sum(l != IGNORE for l in labels[1:])
         rows.append(dict(input_ids=ids, labels=labels, position_ids=list(range(len(ids))), doc_ids=[0] * len(ids)))
     if stats["n_trained_tokens"] == 0:
@@ -201,9 +201,9 @@ def split(rows, fraction, seed):
 def collate(rows, pad_id):
     """Rows -> dict of right-padded (B, T) tensors, T = the longest row:
     input_ids   pad_id at pads
-    targets     the label of the next token: -100 at pads, at each row's last token and at each
-                packed example's last token (never predict across examples). The loss is
-                cross_entropy(logits, targets, ignore_index=-100) over (targets != -100).sum() tokens.
+    targets     the label of the next token: IGNORE at pads, at each row's last token and at each
+                packed example's last token (never predict across examples). The loss is the
+                cross-entropy over the (targets != IGNORE).sum() other tokens (train.token_loss).
     position_ids
     doc_ids     example index within the row, -1 at pads; None when no row is packed (then the
                 plain causal mask is the same thing)."""
@@ -231,6 +231,8 @@ def collate(rows, pad_id):
 
 def epoch_order(n_rows, seed, epoch):
     """A permutation of the rows, the same for the same (seed, epoch) on every rank and run."""
+    # One generator seed per (seed, epoch). seed + epoch would give seed 1's first epoch the order of
+    # seed 0's second; 100003, a prime above any epoch count, keeps every pair apart.
     return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
 
 

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from model import InputError, Transformer, resolve_checkpoint
+from model import Transformer, default_device, default_dtype, exit_on_input_error, resolve_checkpoint
 from tokenizer import TEMPLATES, Tokenizer
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -91,8 +91,8 @@ def stream_text(tokenizer, tokens, eos_ids, out=sys.stdout):
 
 def load(model_path, adapters=(), load_in_4bit=False, device=None, dtype=None, chat_template=None):
     """Model and tokenizer, with named adapters loaded ({name: path}); the first is active."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
     path = resolve_checkpoint(model_path)
     tokenizer = Tokenizer(path, template=chat_template)
     model = Transformer.from_pretrained(path, dtype=dtype, device=device, quantize="nf4" if load_in_4bit else None)
@@ -136,12 +136,9 @@ def main(argv=None):
         p.error("--max_new_tokens must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top_p must be in (0, 1]")
-    try:
+    with exit_on_input_error("generate.py"):
         model, tokenizer = load(args.model_path, parse_adapters(args.adapter_path), args.load_in_4bit,
                                 args.device, chat_template=args.chat_template)
-    except InputError as e:  # one line for the user, not a traceback
-        print(f"generate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
     chat = not args.no_chat and tokenizer.template is not None
     if not args.no_chat and not chat:
         print("generate.py: this checkpoint has no chat template; raw completion (--no_chat)", file=sys.stderr)

@@ -11,9 +11,7 @@ weights are written as safetensors, sharded with an index past --max_shard_size.
 """
 import argparse
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from lora import load_adapter, merge_and_unload
-from model import InputError, Transformer, resolve_checkpoint, weight_files
+from model import InputError, Transformer, exit_on_input_error, resolve_checkpoint, weight_files, written_atomically
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -87,20 +85,16 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
     if model.config.tie_word_embeddings:
         del state["lm_head.weight"]  # the same tensor as the embeddings
     # Write everything into a sibling folder, then swap it in: a failure never leaves half a checkpoint.
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_safetensors(state, tmp, max_shard_size)
-    for name in COPIED:
-        if (path / name).exists():
-            shutil.copy2(path / name, tmp / name)
-    if tied and not model.config.tie_word_embeddings:
-        config = {**json.loads((path / "config.json").read_text()), "tie_word_embeddings": False}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        print("the merged checkpoint has its own lm_head.weight: config.json says tie_word_embeddings: false")
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+    with written_atomically(out) as tmp:
+        tmp.mkdir(parents=True)
+        write_safetensors(state, tmp, max_shard_size)
+        for name in COPIED:
+            if (path / name).exists():
+                shutil.copy2(path / name, tmp / name)
+        if tied and not model.config.tie_word_embeddings:
+            config = {**json.loads((path / "config.json").read_text()), "tie_word_embeddings": False}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            print("the merged checkpoint has its own lm_head.weight: config.json says tie_word_embeddings: false")
     n = sum(1 for k in state if k.endswith(".weight"))
     print(f"merged {adapter_path} into {path}: {n} tensors ({dtype}) written to {out}")
     return out
@@ -115,12 +109,9 @@ def main(argv=None):
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the merged weights (default: the base's)")
     p.add_argument("--max_shard_size", default="5GB", type=parse_size, help="largest safetensors file before sharding (default: %(default)s)")
     args = p.parse_args(argv)
-    try:
+    with exit_on_input_error("merge.py"):
         merge(args.model_path, args.adapter_path, args.output_dir, args.force, args.max_shard_size,
               DTYPES.get(args.dtype))
-    except InputError as e:
-        print(f"merge.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import argparse
 import html
 import json
 import math
-import os
 import sys
 import textwrap
 from dataclasses import asdict
@@ -30,7 +29,7 @@ from pathlib import Path
 import data
 from generate import generate
 from lora import disable_adapters
-from model import InputError
+from model import InputError, written_atomically
 
 MAX_NEW_TOKENS = 64  # per sampled answer: enough for a sentence, and shows a model that never stops
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -229,10 +228,9 @@ def loss_svg(records, title):
 
 
 def write_atomic(path, text):
-    """Write to a temporary file beside path, then rename: a reader never sees half a file."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """A reader (a browser refreshing loss.svg) never sees half a file."""
+    with written_atomically(path) as tmp:
+        tmp.write_text(text)
 
 
 def compare_svg(runs):

@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 from data import IGNORE
 from lora import apply_lora, load_adapter_weights, save_adapter
-from model import InputError, Transformer, resolve_checkpoint
+from loss import CausalLMLoss, fused_loss_applies
+from model import (InputError, Transformer, default_device, default_dtype, exit_on_input_error, resolve_checkpoint,
+                   written_atomically)
 from observe import Observer
 from tokenizer import TEMPLATES, Tokenizer
 
@@ -81,7 +82,8 @@ class TrainConfig:
     enable_model_splitting: bool = flag(False, "spread layers over the visible GPUs (one process)")
     # bookkeeping: may change when resuming
     eval_every: int = flag(0, "steps between evaluations; 0: at the end only")
-    save_every: int = flag(50, "steps between checkpoints; 0: none")
+    save_every: int = flag(None, "steps between checkpoints; default: a tenth of the run; 0: none")
+    keep_checkpoints: int = flag(1, "how many of the newest checkpoints to keep; 0: all")
     log_every: int = flag(1, "steps between lines of metrics.jsonl")
     resume: bool = flag(False, "continue the run in output_dir, with its own settings")
     eval_prompts: str = flag(None, 'JSONL of {"prompt", "expected"}: greedy answers at each evaluation into '
@@ -91,8 +93,8 @@ class TrainConfig:
 
 
 # Settings that do not change what a run computes: --resume may be given new values for these.
-BOOKKEEPING = {"eval_every", "save_every", "log_every", "gradient_checkpointing", "output_dir", "resume",
-               "eval_prompts", "wandb_project", "wandb_run_name"}
+BOOKKEEPING = {"eval_every", "save_every", "keep_checkpoints", "log_every", "gradient_checkpointing", "output_dir",
+               "resume", "eval_prompts", "wandb_project", "wandb_run_name"}
 
 
 def parse_args(argv=None):
@@ -101,18 +103,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     for f in fields(TrainConfig):
-        kw = {"help": f"{f.metadata['help']} (default: {f.default})"}
+        # "(default: False)" says nothing; what None means is in the help text itself
+        default = "" if f.default in (None, False) else f" (default: {f.default})"
+        kw = {"help": f.metadata["help"] + default}
         if f.type is bool:
             p.add_argument(f"--{f.name}", action="store_true", **kw)
         else:
             p.add_argument(f"--{f.name}", type=f.type, choices=f.metadata["choices"], **kw)
     given = vars(p.parse_args(argv))
-    saved = {}
-    if given.get("resume"):
-        try:
-            saved = read_run_config(Path(given.get("output_dir", TrainConfig.output_dir)))
-        except InputError as e:
-            p.error(str(e))
+    saved = read_run_config(Path(given.get("output_dir", TrainConfig.output_dir))) if given.get("resume") else {}
     cfg = TrainConfig(**{**saved, **given})
     checks = [("lora_r", cfg.lora_r > 0, "must be positive"),
               ("micro_batch_size", cfg.micro_batch_size > 0, "must be positive"),
@@ -152,92 +151,6 @@ def check_same_run(cfg, saved, say):
             raise InputError(f"--{name} {now}: this run was started with {was} "
                              f"({cfg.output_dir}/train_config.json); --resume continues the same run")
         say(f"resume: --{name} {now} (was {was})")
-
-
-# --- the loss ----------------------------------------------------------------------------------
-
-def token_loss(logits, targets):
-    """The training objective: cross-entropy of each trained position's next token, summed.
-    logits (N, vocab), targets (N,). The loop divides by the step's count of trained tokens."""
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-
-class CausalLMLoss(nn.Module):
-    """model + token_loss as one module, so DistributedDataParallel sees the whole forward.
-
-    fused=True computes the same value and gradient with LinearCrossEntropy (no full logits);
-    it needs a frozen plain lm_head, and checks that it still equals token_loss."""
-
-    def __init__(self, model, fused=False):
-        super().__init__()
-        self.model = model
-        self.fused = fused
-        if fused:
-            if not fused_loss_applies(model):
-                raise ValueError("the fused loss needs a frozen nn.Linear lm_head")
-            check_fused_loss(model.lm_head.weight)
-
-    def forward(self, input_ids, targets, position_ids, doc_ids):
-        h = self.model.hidden(input_ids, position_ids, doc_ids)  # (B, T, C)
-        keep = targets != IGNORE  # logits only where a token is trained (replies, not prompts)
-        h, targets = h[keep], targets[keep]  # (N, C), (N,)
-        if self.fused:
-            return LinearCrossEntropy.apply(h, self.model.lm_head.weight, targets)
-        return token_loss(self.model.lm_head(h), targets)
-
-
-def fused_loss_applies(model):
-    """LinearCrossEntropy takes lm_head as one frozen matrix: not when lm_head has an adapter."""
-    return type(model.lm_head) is nn.Linear and not model.lm_head.weight.requires_grad
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """token_loss(h @ W.T, targets) for a frozen W, a chunk of rows at a time.
-
-    The logits (N x vocab: 49k wide for SmolLM2, 128k for Llama 3) are the largest activation
-    of training. Here the gradient w.r.t. h is computed in the forward pass chunk by chunk
-    (d loss / d logits = softmax - onehot), so the whole logits never exist, nor are recomputed.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk=512):
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        for i in range(0, len(h), chunk):
-            logits = (h[i:i + chunk] @ weight.T).float()  # (n, V), fp32 as token_loss does
-            t = targets[i:i + chunk]
-            target_logit = logits.gather(1, t[:, None]).squeeze(1)
-            # log-sum-exp by hand, exponentiating in place: the chunk's only (n, V) buffer
-            top = logits.amax(-1, keepdim=True)
-            p = logits.sub_(top).exp_()
-            total = p.sum(-1)
-            loss += (top.squeeze(1) + total.log() - target_logit).sum()
-            if grad_h is not None:
-                p.div_(total[:, None])  # softmax
-                p[torch.arange(len(t), device=p.device), t] -= 1
-                grad_h[i:i + chunk] = p.to(h.dtype) @ weight
-        ctx.save_for_backward(grad_h)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), None, None, None
-
-
-def check_fused_loss(weight, n=8):
-    """LinearCrossEntropy is derived by hand from token_loss: if token_loss is changed (label
-    smoothing, a z-loss...), they differ, and training must not go on with the old one."""
-    g = torch.Generator(device=weight.device).manual_seed(0)
-    h = torch.randn(n, weight.shape[1], generator=g, device=weight.device, dtype=weight.dtype, requires_grad=True)
-    t = torch.randint(0, weight.shape[0], (n,), generator=g, device=weight.device)
-    with torch.enable_grad():
-        plain, fused = token_loss(h @ weight.T, t), LinearCrossEntropy.apply(h, weight, t)
-        (g_plain,), (g_fused,) = torch.autograd.grad(plain, h), torch.autograd.grad(fused, h)
-    tol = 1e-2 if weight.dtype != torch.float32 else 1e-4  # bf16: 8 bits of mantissa
-    if not (torch.allclose(plain, fused, rtol=tol, atol=tol) and torch.allclose(g_plain, g_fused, rtol=tol, atol=tol)):
-        raise RuntimeError("LinearCrossEntropy no longer computes token_loss: change it to match, "
-                           "or train with --loss plain")
 
 
 # --- one optimizer step ------------------------------------------------------------------------
@@ -294,28 +207,40 @@ def batch_to(b, device):
 
 # --- checkpoints: safetensors for tensors, JSON for the rest, never pickle ---------------------
 
-def save_checkpoint(out, model, optimizer, state):
-    """out/checkpoints/step-N, written in a temporary folder and renamed into place, so a
-    checkpoint folder is complete whenever it exists."""
+def save_checkpoint(out, model, optimizer, state, keep=0):
+    """out/checkpoints/step-N, complete whenever it exists; then all but the `keep` newest are deleted."""
     from safetensors.torch import save_file
 
+    t0 = time.perf_counter()
     final = out / "checkpoints" / f"step-{state['step']}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp)
-    tensors, opt_json = flatten_optimizer(optimizer.state_dict())
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, tmp / "trainer_state.safetensors")
-    (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer": opt_json}, indent=1))
-    os.replace(tmp, final)
+    with written_atomically(final) as tmp:
+        save_adapter(model, tmp)
+        tensors, opt_json = flatten_optimizer(optimizer.state_dict())
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        save_file(tensors, tmp / "trainer_state.safetensors")
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer": opt_json}, indent=1))
+    if keep:
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
+    size = sum(f.stat().st_size for f in final.iterdir())
+    tqdm.write(f"saved {final} ({size / 1e6:.0f} MB, {time.perf_counter() - t0:.1f} s)")
+
+
+def checkpoints(out):
+    """out/checkpoints/step-N folders, oldest first (by N as a number: step-9 before step-10)."""
+    steps = {}
+    for p in (out / "checkpoints").glob("step-*"):
+        n = p.name.removeprefix("step-")
+        if n.isdigit():  # not step-N.tmp, a checkpoint being written
+            steps[int(n)] = p
+    return [steps[n] for n in sorted(steps)]
 
 
 def latest_checkpoint(out):
-    """The newest out/checkpoints/step-N (N as a number: step-10 is newer than step-9), or None."""
-    steps = {int(p.name[5:]): p for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit()}
-    return steps[max(steps)] if steps else None
+    found = checkpoints(out)
+    return found[-1] if found else None
 
 
 def load_checkpoint(path, model, optimizer):
@@ -360,7 +285,7 @@ def unflatten_optimizer(tensors, js):
 def setup_distributed():
     """rank, world size, device: torchrun's environment if present, else one process."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, torch.device(default_device())
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -368,6 +293,17 @@ def setup_distributed():
         return rank, world, torch.device("cuda", local)
     dist.init_process_group("gloo")
     return rank, world, torch.device("cpu")
+
+
+def cpu_threads():
+    """Threads for training on the CPU: torch's default (one per core) less the cores other
+    processes keep busy (the 1-minute load average). Threads that outnumber the free cores
+    spin-wait on each other, and two runs sharing cores can each go many times slower than with
+    fewer threads. OMP_NUM_THREADS, when set, decides."""
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return torch.get_num_threads()
+    free = (os.cpu_count() or 1) - round(os.getloadavg()[0])
+    return max(1, min(torch.get_num_threads(), free))
 
 
 def all_sum(x, world):
@@ -387,7 +323,8 @@ def check_output_dir(cfg, out, world, say):
                              "or choose another --output_dir")
         return None
     check_same_run(cfg, read_run_config(out), say)
-    if (resume_from := latest_checkpoint(out)) is None:
+    resume_from = latest_checkpoint(out)
+    if resume_from is None:
         raise InputError(f"--resume: no checkpoint in {out / 'checkpoints'}")
     return resume_from
 
@@ -410,11 +347,10 @@ def load_data(cfg, tokenizer, say):
 
 def build_model(cfg, path, device, world, verbose):
     """The frozen base (NF4 with --load_in_4bit) in the run's precision, with LoRA adapters."""
-    on_cuda = torch.device(device).type == "cuda"
-    dtype = torch.bfloat16 if (cfg.precision or ("bf16" if on_cuda else "fp32")) == "bf16" else torch.float32
+    dtype = {None: default_dtype(device), "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
     model = Transformer.from_pretrained(path, dtype=dtype, device=device, quantize="nf4" if cfg.load_in_4bit else None)
     if cfg.enable_model_splitting:
-        if not on_cuda or world > 1:
+        if torch.device(device).type != "cuda" or world > 1:
             raise InputError("--enable_model_splitting spreads one process over the visible GPUs: "
                              "it needs CUDA and no torchrun")
         model.split_layers([torch.device("cuda", i) for i in range(torch.cuda.device_count())])
@@ -423,6 +359,15 @@ def build_model(cfg, path, device, world, verbose):
                use_rslora=cfg.use_rslora, verbose=verbose)
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
     return model.train()
+
+
+def make_loss(cfg, model, world, device):
+    """CausalLMLoss, fused unless --loss plain or lm_head has an adapter; under torchrun, in DDP."""
+    loss_fn = CausalLMLoss(model, fused=cfg.loss == "fused" and fused_loss_applies(model))
+    if world == 1:
+        return loss_fn
+    on_cuda = torch.device(device).type == "cuda"
+    return nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device] if on_cuda else None)
 
 
 def start_output(out, cfg, step):
@@ -466,8 +411,10 @@ def catch_signals():
 
 def train(cfg, rank=0, world=1, device="cpu"):
     """Train an adapter as cfg says and save it to cfg.output_dir; returns the model.
-    Raises Interrupted once a Ctrl-C / SIGTERM run has saved its checkpoint."""
-    say = print if rank == 0 else (lambda *a, **k: None)
+    Raises Interrupted once a Ctrl-C / SIGTERM run has saved its checkpoint. One function on
+    purpose: setup, then the loop, read top to bottom in the order they run (the parts are named
+    functions above)."""
+    say = tqdm.write if rank == 0 else (lambda text: None)  # tqdm.write: printed above the progress bar
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     resume_from = check_output_dir(cfg, out, world, say)
@@ -479,15 +426,13 @@ def train(cfg, rank=0, world=1, device="cpu"):
     observer = Observer(cfg, out, tokenizer, rank)  # samples, loss.svg, wandb: what the run shows (rank 0)
     steps_per_epoch = data.steps_per_epoch(len(rows), cfg.effective_batch_size)
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+    save_every = cfg.save_every if cfg.save_every is not None else math.ceil(total_steps / 10)
 
     # model, loss, optimizer: only the adapters' A and B train
     model = build_model(cfg, path, device, world, verbose=rank == 0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
-    loss_fn = CausalLMLoss(model, fused=cfg.loss == "fused" and fused_loss_applies(model))
-    if world > 1:
-        on_cuda = torch.device(device).type == "cuda"
-        loss_fn = nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device] if on_cuda else None)
+    loss_fn = make_loss(cfg, model, world, device)
 
     # resume: adapter weights, optimizer state, RNG state and step from the newest checkpoint
     step = 0
@@ -529,7 +474,6 @@ def train(cfg, rank=0, world=1, device="cpu"):
             record = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=round(loss, 6), lr=lr,
                           grad_norm=round(float(grad_norm), 6), tokens_per_s=round(n_tokens / dt, 1),
                           elapsed_s=round(time.perf_counter() - t_start, 2))
-            log = step % cfg.log_every == 0 or step == total_steps
 
             # evaluate: every eval_every steps and at the end
             at_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps
@@ -537,21 +481,18 @@ def train(cfg, rank=0, world=1, device="cpu"):
                 eval_loss, ppl = evaluate(loss_fn, eval_rows, tokenizer.pad_id, cfg.micro_batch_size,
                                           device, rank, world)
                 record.update(eval_loss=round(eval_loss, 6), eval_ppl=round(ppl, 4))
-                log = True
-                if rank == 0:
-                    bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
-            if at_eval and (right := observer.sample(model, step)):  # answers to --eval_prompts
-                record.update(right)
-                log = True
-            if rank == 0 and log:
+                say(f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
+            if at_eval:  # answers to --eval_prompts; on rank 0, {"eval_right": n} for the record
+                record.update(observer.sample(model, step))
+            if rank == 0 and (step % cfg.log_every == 0 or step == total_steps or {"eval_loss", "eval_right"} & set(record)):
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 observer.log(record)
 
             # checkpoint: every save_every steps, and when Ctrl-C / SIGTERM reached any rank
             interrupted = all_sum(torch.tensor(float(stop["signal"] is not None), device=device), world).item() > 0
-            if rank == 0 and (interrupted or (cfg.save_every and step % cfg.save_every == 0 and step < total_steps)):
-                save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch})
+            if rank == 0 and (interrupted or (save_every and step % save_every == 0 and step < total_steps)):
+                save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch}, cfg.keep_checkpoints)
             if interrupted:
                 if world > 1:
                     dist.barrier()  # the checkpoint is written before any rank leaves
@@ -570,15 +511,20 @@ def train(cfg, rank=0, world=1, device="cpu"):
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    with exit_on_input_error("train.py"):
+        cfg = parse_args(argv)
     rank, world, device = setup_distributed()
+    threads = cpu_threads()
+    if device.type == "cpu" and threads != torch.get_num_threads():
+        print(f"cpu: {threads} threads, not {torch.get_num_threads()}: other processes keep cores busy "
+              "(the load average); OMP_NUM_THREADS=N to choose")
+        torch.set_num_threads(threads)
     try:
-        train(cfg, rank, world, device)
-    except (InputError, data.DataError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        with exit_on_input_error("train.py"):
+            train(cfg, rank, world, device)
     except Interrupted as e:
-        print(f"train.py: {e}" if rank == 0 else "", file=sys.stderr)
+        if rank == 0:
+            print(f"train.py: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     except KeyboardInterrupt:
         print("train.py: interrupted, nothing saved", file=sys.stderr)

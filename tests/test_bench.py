@@ -11,7 +11,7 @@ import bench
 from conftest import ROOT, tiny_config
 from lora import apply_lora
 from model import Transformer
-from train import CausalLMLoss
+from loss import CausalLMLoss
 
 
 def test_flops_per_token_match_torchs_flop_counter():

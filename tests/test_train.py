@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import data
 import train
+from loss import CausalLMLoss, LinearCrossEntropy, token_loss
 from conftest import ROOT, chat, write_jsonl
 from model import InputError
 
@@ -42,9 +43,9 @@ def test_fused_loss_equals_the_plain_loss(dtype, tol):
     # gradient w.r.t. h, relative error under tol (fp32: 1e-5; bf16: 2e-2, 8-bit mantissa).
     h = torch.randn(29, 16, dtype=dtype, requires_grad=True)
     w, t = torch.randn(50, 16, dtype=dtype), torch.randint(0, 50, (29,))
-    fused = train.LinearCrossEntropy.apply(h, w, t, 8)
+    fused = LinearCrossEntropy.apply(h, w, t, 8)
     (g_fused,) = torch.autograd.grad(fused * 0.5, h)
-    plain = train.token_loss(h @ w.T, t)
+    plain = token_loss(h @ w.T, t)
     (g_plain,) = torch.autograd.grad(plain * 0.5, h)
     assert fused.dtype == plain.dtype == torch.float32 and g_fused.dtype == g_plain.dtype == dtype
     assert abs(fused - plain) / plain < tol
@@ -57,15 +58,19 @@ def test_a_changed_loss_is_never_replaced_by_the_stale_fused_one(tiny_checkpoint
     from model import Transformer
 
     model = Transformer.from_pretrained(tiny_checkpoint).requires_grad_(False)
-    train.CausalLMLoss(model, fused=True)  # the unchanged loss passes the check
-    monkeypatch.setattr(train, "token_loss", lambda logits, t: torch.nn.functional.cross_entropy(
-        logits.float(), t, reduction="sum", label_smoothing=0.1))
+    CausalLMLoss(model, fused=True)  # the unchanged loss passes the check
+
+    def smoothed(logits, t):
+        return torch.nn.functional.cross_entropy(logits.float(), t, reduction="sum", label_smoothing=0.1)
+
+    monkeypatch.setattr("loss.token_loss", smoothed)
     with pytest.raises(RuntimeError, match="no longer computes token_loss"):
-        train.CausalLMLoss(model, fused=True)
+        CausalLMLoss(model, fused=True)
     batch = data.collate([dict(input_ids=[5, 6, 7], labels=[5, 6, 7], position_ids=[0, 1, 2], doc_ids=[0] * 3)], 0)
-    plain = train.CausalLMLoss(model)(batch["input_ids"], batch["targets"], None, None)
+    plain = CausalLMLoss(model)(batch["input_ids"], batch["targets"], None, None)
     logits = model(batch["input_ids"])[0, :2]
-    assert torch.allclose(plain, train.token_loss(logits, torch.tensor([6, 7])), atol=1e-5)
+    assert torch.allclose(plain, smoothed(logits, torch.tensor([6, 7])), atol=1e-5)
+    assert not torch.allclose(plain, token_loss(logits, torch.tensor([6, 7])), atol=1e-2)
 
 
 def test_training_loss_equals_transformers_labels_loss(smollm2):
@@ -84,7 +89,7 @@ def test_training_loss_equals_transformers_labels_loss(smollm2):
     n = (b["targets"] != data.IGNORE).sum()
     model = Transformer.from_pretrained(smollm2).requires_grad_(False)
     with torch.no_grad():
-        ours = [train.CausalLMLoss(model, fused=f)(b["input_ids"], b["targets"], None, None) / n for f in (True, False)]
+        ours = [CausalLMLoss(model, fused=f)(b["input_ids"], b["targets"], None, None) / n for f in (True, False)]
         hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
         labels = torch.cat([torch.full_like(b["targets"][:, :1], -100), b["targets"][:, :-1]], 1)  # HF shifts itself
         mask = (torch.arange(b["input_ids"].shape[1]) < torch.tensor([[len(r["input_ids"])] for r in rows])).long()
@@ -106,7 +111,7 @@ def test_one_micro_batch_of_4_equals_two_of_2(tiny_checkpoint):
                        verbose=False)
     for _, m in lora_layers(model):
         torch.nn.init.normal_(m.lora_B["default"].weight)  # B = 0 would give A no gradient to compare
-    loss_fn = train.CausalLMLoss(model, fused=True)
+    loss_fn = CausalLMLoss(model, fused=True)
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for split in ([rows], [rows[:2], rows[2:]]):
@@ -134,7 +139,7 @@ def test_packing_changes_nothing_but_the_layout(tiny_checkpoint, tmp_path):
                        verbose=False)
     for _, m in lora_layers(model):
         torch.nn.init.normal_(m.lora_B["default"].weight)
-    loss_fn = train.CausalLMLoss(model)
+    loss_fn = CausalLMLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for batch in (rows, packed):
@@ -209,7 +214,8 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_checkpoint, tmp_p
     cfg = config(tiny_checkpoint, tmp_path, lora_dropout=0.1, num_epochs=3, save_every=2, output_dir=str(tmp_path / "full"))
     train.train(cfg)
     interrupt_during_step(monkeypatch, 4)  # epoch 1, its second step
-    cut = config(tiny_checkpoint, tmp_path, lora_dropout=0.1, num_epochs=3, save_every=2, output_dir=str(tmp_path / "cut"))
+    cut = config(tiny_checkpoint, tmp_path, lora_dropout=0.1, num_epochs=3, save_every=2, keep_checkpoints=0,
+                 output_dir=str(tmp_path / "cut"))
     with pytest.raises(train.Interrupted, match="continue with: python train.py --output_dir .* --resume"):
         train.train(cut)  # stops after saving step 4
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-2", "step-4"]
@@ -225,7 +231,8 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_checkpoint, tmp_p
 def test_resume_continues_the_same_run(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     # `--output_dir X --resume` takes every setting from X/train_config.json, not the defaults; a flag
     # that changes the run is refused naming it; bookkeeping flags (save_every) may change, and it says so.
-    cfg = config(tiny_checkpoint, tmp_path, lr_scheduler="linear", warmup_steps=1, num_epochs=3, save_every=2)
+    cfg = config(tiny_checkpoint, tmp_path, lr_scheduler="linear", warmup_steps=1, num_epochs=3, save_every=2,
+                 keep_checkpoints=0)
     interrupt_during_step(monkeypatch, 3)
     with pytest.raises(train.Interrupted):
         train.train(cfg)
@@ -249,6 +256,17 @@ def test_resume_continues_the_same_run(tiny_checkpoint, tmp_path, monkeypatch, c
     assert [r["step"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())] == \
         [1, 2, 3, 4, 6]  # logged every step until the cut, then every second one, and the last
     assert json.loads((tmp_path / "out" / "train_config.json").read_text())["save_every"] == 5
+
+
+def test_by_default_a_run_checkpoints_every_tenth_of_it_and_keeps_the_newest(tiny_checkpoint, tmp_path, monkeypatch):
+    # 30 steps: a checkpoint every 3 steps (none at the end: the adapter is saved then), one kept.
+    written = []
+    real = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda out, m, o, state, keep: written.append(state["step"]) or
+                        real(out, m, o, state, keep))
+    train.train(config(tiny_checkpoint, tmp_path, num_epochs=15, save_every=None))
+    assert written == list(range(3, 30, 3))
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-27"]
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -296,6 +314,39 @@ def test_qlora_with_gradient_checkpointing_trains(tiny_checkpoint, tmp_path):
     assert type(model.model.layers[0].self_attn.q_proj.base).__name__ == "NF4Linear"
     loss = losses(tmp_path / "out")
     assert loss[-1] < 0.5 * loss[0]
+
+
+def test_cpu_threads_leave_the_busy_cores_alone(monkeypatch):
+    # 4 cores, a load average of 2.6 from other processes: 1 thread; an idle machine: torch's own
+    # count; OMP_NUM_THREADS set: that.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 1.0, 1.0))
+    assert train.cpu_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 1.0, 1.0))
+    assert train.cpu_threads() == 4
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.9, 1.0, 1.0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert train.cpu_threads() == 4
+
+
+def test_written_atomically_leaves_the_old_folder_after_a_failure(tmp_path):
+    from model import written_atomically
+
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    with pytest.raises(OSError):
+        with written_atomically(target) as tmp:
+            tmp.mkdir()
+            (tmp / "a.txt").write_text("half")
+            raise OSError("disk full")
+    assert (target / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    with written_atomically(target) as tmp:
+        tmp.mkdir()
+        (tmp / "b.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["b.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def run_cli(*args):
