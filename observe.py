@@ -21,7 +21,6 @@ import argparse
 import html
 import json
 import math
-import os
 import sys
 import textwrap
 from dataclasses import asdict
@@ -30,7 +29,7 @@ from pathlib import Path
 import data
 from generate import generate
 from lora import disable_adapters
-from model import InputError
+from model import InputError, written_atomically
 
 MAX_NEW_TOKENS = 64  # per sampled answer: enough for a sentence, and shows a model that never stops
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -58,7 +57,8 @@ def prompt_ids(tokenizer, prompt):
     """A user turn in the checkpoint's chat template, ready for the reply; raw text if it has none."""
     if tokenizer.template is None:
         return tokenizer.encode(prompt)
-    return tokenizer.encode(tokenizer.render([{"role": "user", "content": prompt}], add_generation_prompt=True)[0], bos=False)
+    text, _ = tokenizer.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return tokenizer.encode(text, bos=False)
 
 
 def answer(model, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKENS):
@@ -104,7 +104,9 @@ def table(prompts, before, after, width=112, max_lines=4):
             for p, b, a in zip(prompts, before, after)]
     head = ["prompt", *(["expected"] if has_expected else []), "base model", "fine-tuned"]
     # the prompt and expected columns as wide as their text (up to a cap); answers share the rest
-    widths = [min(28, max(6, *(len(r[0]) for r in rows)))] + ([min(14, max(8, *(len(r[1]) for r in rows)))] if has_expected else [])
+    widths = [min(28, max(6, *(len(r[0]) for r in rows)))]
+    if has_expected:
+        widths.append(min(14, max(8, *(len(r[1]) for r in rows))))
     rest = max(20, (width - sum(widths) - 3 * len(head) - 1) // 2)
     widths += [rest, rest]
 
@@ -173,9 +175,11 @@ def svg_chart(series, title, xlabel, ylabel, width=720, height=420):
     for y in yt:
         svg.append(f'<line x1="{left}" y1="{Y(y):.1f}" x2="{width - right}" y2="{Y(y):.1f}" stroke="#e5e5e5"/>')
         svg.append(f'<text x="{left - 6}" y="{Y(y) + 4:.1f}" text-anchor="end">{fmt(y)}</text>')
-    svg.append(f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" fill="none" stroke="#888"/>')
+    svg.append(f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
+               'fill="none" stroke="#888"/>')
     svg.append(f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">{e(xlabel)}</text>')
-    svg.append(f'<text transform="translate(16 {(top + height - bottom) / 2}) rotate(-90)" text-anchor="middle">{e(ylabel)}</text>')
+    svg.append(f'<text transform="translate(16 {(top + height - bottom) / 2}) rotate(-90)" '
+               f'text-anchor="middle">{e(ylabel)}</text>')
     for s in series:
         path = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in s["points"])
         style = 'stroke-width="1" stroke-opacity="0.35"' if s.get("faint") else 'stroke-width="2"'
@@ -188,11 +192,13 @@ def svg_chart(series, title, xlabel, ylabel, width=720, height=420):
     corners = [(width - right - box_w - 8, top + 8), (left + 8, height - bottom - box_h - 8)]
     inside = lambda x0, y0: sum(x0 <= X(x) <= x0 + box_w and y0 <= Y(y) <= y0 + box_h for x, y in pts)
     x0, y0 = min(corners, key=lambda c: inside(*c))
-    svg.append(f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{box_w:.1f}" height="{box_h}" fill="white" fill-opacity="0.85" stroke="#ccc"/>')
+    svg.append(f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{box_w:.1f}" height="{box_h}" '
+               'fill="white" fill-opacity="0.85" stroke="#ccc"/>')
     for i, s in enumerate(series):
         y = y0 + 16 + 16 * i
         style = 'stroke-width="1" stroke-opacity="0.35"' if s.get("faint") else 'stroke-width="2"'
-        svg.append(f'<line x1="{x0 + 8:.1f}" y1="{y - 4:.1f}" x2="{x0 + 30:.1f}" y2="{y - 4:.1f}" stroke="{s["color"]}" {style}/>')
+        svg.append(f'<line x1="{x0 + 8:.1f}" y1="{y - 4:.1f}" x2="{x0 + 30:.1f}" y2="{y - 4:.1f}" '
+                   f'stroke="{s["color"]}" {style}/>')
         if s.get("dots"):
             svg.append(f'<circle cx="{x0 + 19:.1f}" cy="{y - 4:.1f}" r="3" fill="{s["color"]}"/>')
         svg.append(f'<text x="{x0 + 36:.1f}" y="{y:.1f}">{e(s["label"])}</text>')
@@ -222,10 +228,9 @@ def loss_svg(records, title):
 
 
 def write_atomic(path, text):
-    """Write to a temporary file beside path, then rename: a reader never sees half a file."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """A reader (a browser refreshing loss.svg) never sees half a file."""
+    with written_atomically(path) as tmp:
+        tmp.write_text(text)
 
 
 def compare_svg(runs):

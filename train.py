@@ -455,10 +455,10 @@ def train(cfg, rank=0, world=1, device="cpu"):
                                           device, rank, world)
                 record.update(eval_loss=round(eval_loss, 6), eval_ppl=round(ppl, 4))
                 say(f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
-            if at_eval:
-                record.update(observer.sample(model, step))  # answers to --eval_prompts: {"eval_right": n}
-            if rank == 0 and (step % cfg.log_every == 0 or step == total_steps or "eval_loss" in record
-                              or "eval_right" in record):
+            if at_eval:  # answers to --eval_prompts; on rank 0, {"eval_right": n} for the record
+                record.update(observer.sample(model, step))
+            if rank == 0 and (step % cfg.log_every == 0 or step == total_steps
+                              or {"eval_loss", "eval_right"} & set(record)):
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 observer.log(record)

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -198,6 +199,8 @@ def wandb_records(path):
             pos += block - pos % block
             continue
         length, kind = int.from_bytes(raw[pos + 4:pos + 6], "little"), raw[pos + 6]
+        if pos + 7 + length > len(raw):  # still being written
+            return
         parts += raw[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -216,6 +219,11 @@ def test_wandb_offline_gets_the_records_and_the_config(tiny_checkpoint, tmp_path
                  wandb_run_name="tiny", eval_prompts=str(prompts))
     train.train(cfg)
     (run_file,) = (tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb")
+    # wandb's service process writes the file: wait for the run's last record (at most a minute)
+    for _ in range(120):
+        if any(r.WhichOneof("record_type") == "exit" for r in wandb_records(run_file)):
+            break
+        time.sleep(0.5)
     history, config_items = [], {}
     for r in wandb_records(run_file):
         kind = r.WhichOneof("record_type")
