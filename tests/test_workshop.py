@@ -246,11 +246,11 @@ def test_wandb_offline_gets_the_records_and_the_config(tiny_checkpoint, tmp_path
 def test_ex1_a_fresh_adapter_changes_nothing_and_the_update_has_rank_r():
     import torch.nn as nn
 
-    from lora import LoRALinear
+    from lora import AdapterSettings, LoRALinear
 
     base = nn.Linear(64, 32, bias=False)
     layer = LoRALinear(base)
-    layer.add_adapter("default", r=4, alpha=8)
+    layer.add_adapter("default", AdapterSettings(r=4, alpha=8))
     layer.active = "default"
     x = torch.randn(5, 64)
     assert torch.equal(layer(x), base(x))  # B = 0: exactly the base layer
