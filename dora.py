@@ -38,6 +38,16 @@ class Magnitude:
         self.lora_magnitude_vector = nn.ParameterDict()  # adapter name -> m: (out,), or (dim,)
         self.merged_norm = None  # the norms of the merged adapter's V, to unmerge with
 
+    @classmethod
+    def from_lora(cls, layer):
+        """The same base and LoRA adapters (the same modules, not copies), able to hold DoRA ones too."""
+        dora = cls(layer.base)
+        for name, child in layer.named_children():  # base, and lora_A/B/dropout or lora_embedding_A/B
+            setattr(dora, name, child)
+        dora.settings, dora.scaling = layer.settings, layer.scaling
+        dora.active, dora.disabled = layer.active, layer.disabled
+        return dora
+
     def add_adapter(self, name, settings, dtype=torch.float32):
         super().add_adapter(name, settings, dtype)
         if settings.use_dora:
@@ -75,15 +85,6 @@ class DoRALinear(Magnitude, LoRALinear):
     """A LoRALinear whose adapters may be DoRA ones, m in lora_magnitude_vector[name]. A layer
     becomes one when its first DoRA adapter is added; its plain LoRA adapters compute as before."""
 
-    @classmethod
-    def from_lora(cls, layer):
-        """The same base and LoRA adapters, able to hold DoRA ones too."""
-        dora = cls(layer.base)
-        dora.lora_A, dora.lora_B, dora.lora_dropout = layer.lora_A, layer.lora_B, layer.lora_dropout
-        dora.settings, dora.scaling = layer.settings, layer.scaling
-        dora.active, dora.disabled = layer.active, layer.disabled
-        return dora
-
     def forward(self, x):
         name = self.active
         if name not in self.lora_magnitude_vector or self.disabled or self.merged:
@@ -117,14 +118,6 @@ class DoRAEmbedding(Magnitude, LoRAEmbedding):
     The norms need the whole (vocab, dim) table in every forward: costly for large vocabularies."""
 
     norm_dim = 0
-
-    @classmethod
-    def from_lora(cls, layer):
-        dora = cls(layer.base)
-        dora.lora_embedding_A, dora.lora_embedding_B = layer.lora_embedding_A, layer.lora_embedding_B
-        dora.settings, dora.scaling = layer.settings, layer.scaling
-        dora.active, dora.disabled = layer.active, layer.disabled
-        return dora
 
     def forward(self, ids):
         name = self.active

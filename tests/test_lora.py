@@ -400,13 +400,19 @@ def test_qlora_trains_merges_and_loads(tmp_path, capsys):
         unmerge_lora(model)
 
 
-def test_qlora_equals_lora_on_the_dequantized_weights():
-    # the NF4 base computes with its dequantized weight, so LoRA over NF4 == LoRA over a plain
-    # model holding the dequantized weights: logits and A/B gradients agree (fp32, atol 1e-5)
+def quantized_and_dequantized():
+    """A tiny model with NF4 linear layers, and a plain one holding their dequantized weights."""
     qmodel = quant.quantize_model(tiny())
     plain = tiny()
     plain.load_state_dict(plain.state_dict() | {f"{n}.weight": m.dequantize(torch.float32)
                                                 for n, m in qmodel.named_modules() if hasattr(m, "dequantize")})
+    return qmodel, plain
+
+
+def test_qlora_equals_lora_on_the_dequantized_weights():
+    # the NF4 base computes with its dequantized weight, so LoRA over NF4 == LoRA over a plain
+    # model holding the dequantized weights: logits and A/B gradients agree (fp32, atol 1e-5)
+    qmodel, plain = quantized_and_dequantized()
     x, results = ids(), []
     for model in (qmodel, plain):
         torch.manual_seed(3)
@@ -715,11 +721,7 @@ def test_dora_file_format(tmp_path):
 def test_qlora_dora_equals_dora_on_the_dequantized_weights():
     # DoRA over an NF4 base takes the norm of the dequantized weight: logits and gradients equal
     # DoRA over a plain model holding the dequantized weights (fp32, atol 1e-5)
-    import quant
-    qmodel = quant.quantize_model(tiny())
-    plain = tiny()
-    plain.load_state_dict(plain.state_dict() | {f"{n}.weight": m.dequantize(torch.float32)
-                                                for n, m in qmodel.named_modules() if hasattr(m, "dequantize")})
+    qmodel, plain = quantized_and_dequantized()
     x, results = ids(), []
     for model in (qmodel, plain):
         torch.manual_seed(3)
