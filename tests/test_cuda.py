@@ -50,6 +50,20 @@ def lora_params(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def same_lora_weights(params, weights):
+    """Give the LoRA weights `weights` ({name: tensor}); when None, draw B away from zero first and
+    return what was drawn, so the next model (another device or dtype) starts the same."""
+    with torch.no_grad():
+        if weights is None:
+            for n, p in params.items():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+            weights = {n: p.detach().clone() for n, p in params.items()}
+        for n, p in params.items():
+            p.copy_(weights[n])
+    return weights
+
+
 # --- bf16 on the GPU against fp32 on the CPU ------------------------------------------------------
 
 @pytest.fixture
@@ -76,14 +90,7 @@ def test_bf16_lora_step_on_cuda_matches_fp32_on_cpu(bf16_checkpoint, qlora):
         model = Transformer.from_pretrained(bf16_checkpoint, dtype=dtype, device=device, quantize="nf4" if qlora else None)
         apply_lora(model, r=8, alpha=16, target_modules="all-linear", verbose=False)
         params = lora_params(model)
-        with torch.no_grad():
-            if weights is None:
-                for n, p in params.items():
-                    if "lora_B" in n:
-                        p.normal_(0, 0.05)
-                weights = {n: p.detach().clone() for n, p in params.items()}
-            for n, p in params.items():
-                p.copy_(weights[n])
+        weights = same_lora_weights(params, weights)
         x = ids.to(device)
         loss = F.cross_entropy(model(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
@@ -200,14 +207,7 @@ def test_split_model_gives_the_logits_and_gradients_of_one_piece(tiny_checkpoint
             assert [b.input_layernorm.weight.device.type for b in model.model.layers] == ["cuda", "cpu"]
         apply_lora(model, r=4, alpha=8, target_modules="all-linear", verbose=False)
         params = lora_params(model)
-        with torch.no_grad():
-            if weights is None:
-                for n, p in params.items():
-                    if "lora_B" in n:
-                        p.normal_(0, 0.05)
-                weights = {n: p.detach().clone() for n, p in params.items()}
-            for n, p in params.items():
-                p.copy_(weights[n])
+        weights = same_lora_weights(params, weights)
         logits = model(ids.to(model.lm_head.weight.device))
         logits.logsumexp(-1).mean().backward()
         tokens = list(generate(model, [5, 6, 7], max_new_tokens=8))
