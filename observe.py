@@ -233,6 +233,14 @@ def write_atomic(path, text):
         tmp.write_text(text)
 
 
+def cut_back(path, step):
+    """Keep the records of JSONL file `path`, if there is one, up to step `step`: what a run resumed
+    at `step` had written (metrics.jsonl, samples.jsonl)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        write_atomic(path, "".join(line + "\n" for line in kept))
+
+
 def compare_svg(runs):
     """Several runs on one chart: {name: records} -> SVG, each run its own colour (the smoothed
     train loss and the eval loss; the raw train loss would hide the differences)."""
@@ -291,10 +299,10 @@ class Observer:
         with disable_adapters(model):
             self.before = answers(model, self.tokenizer, self.prompts)
         path = self.out / "samples.jsonl"
-        kept = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= step] if path.exists() else []
-        if step == 0:
-            kept = [json.dumps(r) for r in sample_records(0, self.prompts, self.before)]
-        write_atomic(path, "".join(l + "\n" for l in kept))
+        if step == 0:  # the base model's answers, as step 0
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in sample_records(0, self.prompts, self.before)))
+        else:
+            cut_back(path, step)
 
     def log(self, record):
         """A metrics.jsonl record: to wandb, and into loss.svg (redrawn every 10 steps and at evals)."""

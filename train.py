@@ -36,7 +36,7 @@ from hub import DEFAULT_MODEL, resolve_checkpoint
 from lora import apply_lora, count_parameters, save_adapter
 from loss import CausalLMLoss, fused_loss_applies
 from model import InputError, Transformer, default_device, default_dtype, exit_on_input_error
-from observe import Observer
+from observe import Observer, cut_back
 from tokenizer import TEMPLATES, Tokenizer
 
 
@@ -346,10 +346,7 @@ def start_output(out, cfg, step):
     """Write train_config.json; cut metrics.jsonl back to what step `step` had logged."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    path = out / "metrics.jsonl"
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    cut_back(out / "metrics.jsonl", step)
 
 
 class Interrupted(Exception):
