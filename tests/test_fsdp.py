@@ -174,6 +174,7 @@ def _nf4_worker(rank, tmp_path):
                     "same_weight": torch.equal(layer.dequantize(), expected),
                     "same_output": torch.equal(layer(torch.ones(3, 70)), torch.ones(3, 70) @ expected.T)},
                    tmp_path / "result.pt")
+    train.dist.barrier()  # neither rank tears the group down while the other still uses it
     train.dist.destroy_process_group()
 
 
