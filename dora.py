@@ -69,16 +69,21 @@ class Magnitude:
     def merged_weight(self, w, name):
         if name not in self.lora_magnitude_vector:
             return super().merged_weight(w, name)
-        v = w + self.delta_weight(name)
-        self.merged_norm = torch.linalg.norm(v, dim=self.norm_dim)  # of the unmerged V, as the forward takes it
-        g = self.lora_magnitude_vector[name].float() / self.merged_norm
-        return g.unsqueeze(self.norm_dim) * v
+        w, self.merged_norm = dora_weight(w + self.delta_weight(name), self.lora_magnitude_vector[name], self.norm_dim)
+        return w
 
     def unmerged_weight(self, w, name):
         if name not in self.lora_magnitude_vector:
             return super().unmerged_weight(w, name)
         g = self.lora_magnitude_vector[name].float() / self.merged_norm
         return w / g.unsqueeze(self.norm_dim) - self.delta_weight(name)
+
+
+def dora_weight(v, magnitude, norm_dim):
+    """DoRA's merged weight m * V / ||V|| for V = W + lora_delta (fp32), and the norms ||V|| along
+    norm_dim, as the forward takes them (Magnitude keeps them to unmerge); merge.py merges with it too."""
+    norm = torch.linalg.norm(v, dim=norm_dim)
+    return (magnitude.float() / norm).unsqueeze(norm_dim) * v, norm
 
 
 class DoRALinear(Magnitude, LoRALinear):

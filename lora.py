@@ -88,7 +88,7 @@ class LoRALayer(nn.Module):
 
     def delta_weight(self, name):
         """The update adapter `name` makes to the base weight, the weight's shape, in fp32."""
-        raise NotImplementedError
+        return lora_delta(self.adapter_tensors(name), self.scaling[name])
 
     def merged_weight(self, w, name):  # w: the base weight in fp32
         return w + self.delta_weight(name)
@@ -140,10 +140,6 @@ class LoRALinear(LoRALayer):
     def adapter_tensors(self, name):
         return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
 
-    def delta_weight(self, name):
-        """scaling * B @ A: (out, in) in fp32, the update the adapter makes to the base weight."""
-        return self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
-
     def forward(self, x):
         y = self.base(x)
         name = self.active
@@ -176,10 +172,6 @@ class LoRAEmbedding(LoRALayer):
 
     def adapter_tensors(self, name):
         return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
-
-    def delta_weight(self, name):
-        """scaling * (B @ A)^T: (vocab, dim) in fp32, the update to the embedding table."""
-        return self.scaling[name] * (self.lora_embedding_B[name].float() @ self.lora_embedding_A[name].float()).T
 
     def forward(self, ids):
         y = self.base(ids)  # (B, T, dim)
@@ -329,6 +321,17 @@ def disable_adapters(model):
 
 
 # --- merging -------------------------------------------------------------------------------------
+
+def lora_delta(tensors, scaling):
+    """The update an adapter makes to its base weight, in fp32, from its tensors {PEFT key suffix:
+    tensor} (a layer's adapter_tensors, or an adapter file's): scaling * B @ A, (out, in), for a
+    linear layer's lora_A (r, in) and lora_B (out, r); its transpose, (vocab, dim), for the
+    embeddings' lora_embedding_A (r, vocab) and lora_embedding_B (dim, r). The one merge math of
+    merge_lora and of merge.py, which streams it over the checkpoint's files."""
+    if "lora_A.weight" in tensors:
+        return scaling * (tensors["lora_B.weight"].float() @ tensors["lora_A.weight"].float())
+    return scaling * (tensors["lora_embedding_B"].float() @ tensors["lora_embedding_A"].float()).T
+
 
 def merge_lora(model):
     """Fold the active adapter into each base weight; forwards then cost no more than the base.
