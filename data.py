@@ -10,8 +10,22 @@ One record per line (blank lines are skipped), in any of four formats, detected 
     Alpaca     {"instruction": "Name the capital.", "input": "France", "output": "Paris."}
     text       {"text": "Plain text; all of it is learned."}
 
+A messages record may carry tools, tool calls, tool results and reasoning, in OpenAI's form:
+
+    {"tools": [{"type": "function", "function": {"name": "ferry_times", "parameters": {...}}}],
+     "messages": [{"role": "user", "content": "Next ferry to Kestry?"},
+                  {"role": "assistant", "reasoning_content": "...", "tool_calls": [{"type": "function",
+                   "function": {"name": "ferry_times", "arguments": {"port": "Kestry"}}}]},
+                  {"role": "tool", "content": "{\"next\": \"14:10\"}"},
+                  {"role": "assistant", "content": "At 14:10."}]}
+
+(arguments may be a JSON string, as OpenAI writes them). Each is written where the checkpoint's
+published template writes it (tokenizer.render_chat): the assistant's calls are learned like
+its replies, the tool results and schemas are not; a chat the template has no place for (tools
+for Llama 2) is an error naming its line.
+
 Conversations (multi-turn or not; the system turn, if any, first) are written with the
-checkpoint's chat template (tokenizer.py). Only the assistant replies are learned, each with its
+checkpoint's chat template (tokenizer.py). Only the assistant turns are learned, each with its
 end-of-turn token, so the model learns to stop; every other label is -100. Alpaca records use the
 Stanford Alpaca prompt and learn output + eos; text records learn everything (BOS, text, eos).
 `train_on_inputs` learns the prompts too.
@@ -34,7 +48,7 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a respons
 ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                        "context. Write a response that appropriately completes the request.\n\n"
                        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool", "ipython": "tool"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -69,7 +83,8 @@ def read_jsonl(path):
 
 
 def to_messages(record, where):
-    """A chat record as [{"role", "content"}]; None for Alpaca and text records."""
+    """A chat record as ([{"role", "content", ...}], tools); None for Alpaca and text records.
+    Tool calls are normalized to OpenAI's form with arguments as a dict (check_tool_calls)."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
     if "messages" in record:
@@ -81,32 +96,97 @@ def to_messages(record, where):
     turns = record[key]
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: {key} must be a non-empty list of {{{role_key!r}, {content_key!r}}} objects")
-    messages = []
+    tools = check_tools(record.get("tools"), where)
+    messages, open_calls = [], 0  # calls of the last assistant turn not yet answered by a tool turn
     for i, turn in enumerate(turns, 1):
         role = turn.get(role_key) if isinstance(turn, dict) else None
-        content = turn.get(content_key) if isinstance(turn, dict) else None
         if not isinstance(role, str) or role not in roles:
             raise DataError(f"{where}: turn {i} has unknown role {role!r} (expected one of {', '.join(roles)})")
+        role, content = roles[role], turn.get(content_key)
+        m = {"role": role, "content": content}
+        if role == "assistant":
+            if calls := turn.get("tool_calls"):
+                m["tool_calls"] = check_tool_calls(calls, f"{where}: turn {i} (assistant)")
+                m["content"] = content = content or ""  # a call often comes with no text (null)
+            if "reasoning_content" in turn and turn["reasoning_content"] is not None:
+                if not isinstance(turn["reasoning_content"], str):
+                    raise DataError(f"{where}: turn {i} (assistant) reasoning_content must be a string")
+                m["reasoning_content"] = turn["reasoning_content"]
+            open_calls = len(m.get("tool_calls", []))
+        elif role == "tool":
+            if open_calls == 0:
+                raise DataError(f"{where}: turn {i} is a tool result with no tool call before it to answer")
+            open_calls -= 1
+            if isinstance(turn.get("tool_call_id"), str):
+                m["tool_call_id"] = turn["tool_call_id"]
         if not isinstance(content, str):
             raise DataError(f"{where}: turn {i} ({role}) content must be a string, not {type(content).__name__}")
-        if not content.strip():
+        if not content.strip() and not m.get("tool_calls"):
             raise DataError(f"{where}: turn {i} ({role}) has empty content")
-        if roles[role] == "system" and i > 1:  # templates only place a system prompt first
+        if role == "system" and i > 1:  # templates only place a system prompt first
             raise DataError(f"{where}: turn {i} is a system turn; only the first turn may be one")
-        messages.append({"role": roles[role], "content": content})
+        messages.append(m)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant reply to learn")
-    return messages
+    return messages, tools
+
+
+def check_tools(tools, where):
+    """A record's (or --tools file's) "tools": JSON schemas [{"type": "function", "function":
+    {"name": ..., "description": ..., "parameters": {...}}}] (a JSON string of that list is read
+    too, as some datasets store it); None when absent or empty."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: tools is a string that is not JSON") from None
+    if not tools:
+        return None
+    form = '{"type": "function", "function": {"name": ..., "parameters": {...}}}'
+    if not isinstance(tools, list):
+        raise DataError(f"{where}: tools must be a list of function schemas {form}, not {type(tools).__name__}")
+    for i, t in enumerate(tools, 1):
+        f = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
+        if not (isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"]
+                and isinstance(f.get("parameters", {}), dict)):
+            raise DataError(f"{where}: tool {i} is not a function schema {form}")
+    return tools
+
+
+def check_tool_calls(calls, where):
+    """An assistant turn's tool_calls as [{"type": "function", "function": {"name", "arguments":
+    dict}} (+ "id")]; arguments given as a JSON string (OpenAI's form) are parsed."""
+    if not isinstance(calls, list):
+        raise DataError(f"{where}: tool_calls must be a list, not {type(calls).__name__}")
+    out = []
+    for i, c in enumerate(calls, 1):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"]):
+            raise DataError(f'{where}: tool call {i} must be {{"type": "function", "function": {{"name": ..., "arguments": {{...}}}}}}')
+        args = f.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: tool call {i} ({f['name']}): arguments are not JSON ({e.msg})") from None
+        if not isinstance(args, dict):
+            raise DataError(f"{where}: tool call {i} ({f['name']}): arguments must be a JSON object, not {type(args).__name__}")
+        out.append({"type": "function", "function": {"name": f["name"], "arguments": args},
+                    **({"id": c["id"]} if isinstance(c.get("id"), str) else {})})
+    return out
 
 
 def to_text(record, tokenizer, where):
     """(text, spans): the whole example as one string and the (start, end) character spans to learn."""
-    messages = to_messages(record, where)
-    if messages is not None:
+    chat = to_messages(record, where)
+    if chat is not None:
         if tokenizer.template is None:
             raise DataError(f"{where}: a conversation, but the checkpoint has no chat template "
                             "(pass --chat_template, or use Alpaca or text records)")
-        return tokenizer.render(messages)
+        try:
+            return tokenizer.render(chat[0], tools=chat[1])
+        except ValueError as e:  # a turn or tool the template has no place for
+            raise DataError(f"{where}: {e}") from None
     bos = tokenizer.bos_text if tokenizer.add_bos else ""
     if "instruction" in record and "output" in record:
         fields = {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}

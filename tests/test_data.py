@@ -259,7 +259,7 @@ def test_blank_lines_byte_order_mark_and_crlf_are_fine(tok, tmp_path):
     ('{"instruction": "x"}', ":3: record has keys ['instruction']"),
     ('{"messages": "Hi"}', ":3: messages must be a non-empty list"),
     ('{"messages": []}', ":3: messages must be a non-empty list"),
-    (chat(("wizard", "x")), ":3: turn 1 has unknown role 'wizard' (expected one of system, user, assistant)"),
+    (chat(("wizard", "x")), ":3: turn 1 has unknown role 'wizard' (expected one of system, user, assistant, tool"),
     (chat((["user"], "x")), ":3: turn 1 has unknown role ['user']"),
     ('{"conversations": [{"from": "bot", "value": "x"}]}', ":3: turn 1 has unknown role 'bot' (expected one of system, human"),
     (chat(("user", " "), ("assistant", "x")), ":3: turn 1 (user) has empty content"),
@@ -385,3 +385,99 @@ def test_bundled_dataset_loads_and_its_eval_is_held_out(tok):
         assert question["content"] not in questions  # asked in words the training data never uses
         assert answer["content"] in replies  # and answered as training taught
     data.load_dataset(ROOT / "data" / "brannock_eval.jsonl", tok, max_seq_len=512)
+
+
+# --- tools, tool calls, tool results, reasoning ------------------------------------------------
+
+FERRY = {"type": "function", "function": {"name": "ferry_times", "description": "Departures from Saltmere.",
+                                          "parameters": {"type": "object", "properties": {"port": {"type": "string"}}}}}
+
+
+def tool_chat(arguments='{"port": "Kestry"}', **call):
+    """A user question, a call (arguments as OpenAI writes them, a JSON string), its result, the reply."""
+    return {"tools": [FERRY], "messages": [
+        {"role": "user", "content": "Next ferry to Kestry?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "id": "c0000fery", "function": {"name": "ferry_times", "arguments": arguments}, **call}]},
+        {"role": "tool", "tool_call_id": "c0000fery", "content": '{"next": "14:10"}'},
+        {"role": "assistant", "content": "At 14:10."}]}
+
+
+CALL_TEXT = '<tool_call>\n{"name": "ferry_times", "arguments": {"port": "Kestry"}}\n</tool_call>'
+
+
+def test_tool_calls_and_replies_are_learned_results_and_schemas_are_not(tok):
+    ids, labels = data.tokenize(tool_chat(), tok, "x:1")
+    assert trained_pieces(tok, ids, labels) == [CALL_TEXT + END, "At 14:10." + END]
+    masked = tok.tok.decode([i for i, l in zip(ids, labels) if l == data.IGNORE], skip_special_tokens=False)
+    for text in ('<tools>\n{"type": "function", "function": {"name": "ferry_times"', "Next ferry to Kestry?",
+                 '<|im_start|>user\n<tool_response>\n{"next": "14:10"}\n</tool_response><|im_end|>'):
+        assert text in masked
+    assert data.tokenize(tool_chat(), tok, "x:1", train_on_inputs=True)[1] == ids  # as for any chat
+    # arguments given as an object, or as its JSON string: the same tokens
+    assert data.tokenize(tool_chat(arguments={"port": "Kestry"}), tok, "x:1") == (ids, labels)
+
+
+def test_tool_chats_with_smollm2s_own_tokenizer(smollm2):
+    real = Tokenizer(smollm2)
+    rows, stats = data.load_dataset(ROOT / "data" / "brannock_tools_chat.jsonl", real, max_seq_len=512)
+    assert stats["n_truncated"] == 0  # the bundled tool data fits the default --max_seq_len
+    ids, labels = data.tokenize(tool_chat(), real, "x:1")
+    assert trained_pieces(real, ids, labels) == [CALL_TEXT + END, "At 14:10." + END]
+
+
+@pytest.mark.parametrize("template", ["chatml", "qwen3", "llama3", "mistral_nemo"])
+def test_tool_labels_follow_the_rendered_spans(tok_path, template):
+    t = Tokenizer(tok_path, template=template)
+    t.tok.add_special_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "</s>"])
+    t.system_date = "26 Jul 2024"  # Llama 3.1's system header: tools need it
+    record = tool_chat()
+    record["messages"][1]["reasoning_content"] = "A ferry question."
+    text, spans = t.render(*data.to_messages(record, "x:1"))
+    ids, labels = data.tokenize(record, t, "x:1")
+    assert len(spans) == 2 and trained_pieces(t, ids, labels) == [text[s:e] for s, e in spans]
+    assert ("<think>\nA ferry question.\n</think>" in text) == (template == "qwen3")  # only Qwen3 writes reasoning
+
+
+def tool_line(**change):
+    record = tool_chat()
+    for key, value in change.items():
+        turn, _, field = key.partition("__")
+        if turn == "tools":
+            record["tools"] = value
+        else:
+            record["messages"][int(turn)][field] = value
+    return json.dumps(record)
+
+
+@pytest.mark.parametrize("line, message", [
+    (tool_line(**{"1__tool_calls": [{"type": "function", "function": {"name": "ferry_times", "arguments": "{port: Kestry}"}}]}),
+     ":3: turn 2 (assistant): tool call 1 (ferry_times): arguments are not JSON"),
+    (tool_line(**{"1__tool_calls": [{"type": "function", "function": {"name": "ferry_times", "arguments": "[1]"}}]}),
+     ":3: turn 2 (assistant): tool call 1 (ferry_times): arguments must be a JSON object, not list"),
+    (tool_line(**{"1__tool_calls": [{"name": "ferry_times", "arguments": {}}]}), ":3: turn 2 (assistant): tool call 1 must be"),
+    (tool_line(**{"1__tool_calls": None}), ":3: turn 2 (assistant) content must be a string, not NoneType"),
+    (tool_line(**{"1__role": "user", "1__content": "x"}), ":3: turn 3 is a tool result with no tool call before it"),
+    (json.dumps({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+     ":3: turn 1 is a tool result with no tool call before it"),
+    (tool_line(tools={"name": "ferry_times"}), ":3: tools must be a list of function schemas"),
+    (tool_line(tools=[{"name": "ferry_times", "parameters": {}}]), ":3: tool 1 is not a function schema"),
+    (tool_line(tools="[{"), ":3: tools is a string that is not JSON"),
+    (tool_line(**{"1__reasoning_content": 3}), ":3: turn 2 (assistant) reasoning_content must be a string"),
+])
+def test_bad_tool_record_names_file_and_line(tok, tmp_path, line, message):
+    path = write(tmp_path / "bad.jsonl", [GOOD, "", line])
+    with pytest.raises(data.DataError) as e:
+        data.load_dataset(path, tok, max_seq_len=512)
+    assert str(e.value).startswith(str(path) + message) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("llama2", "the llama2 chat template has no place for tools"),
+    ("mistral", "the mistral chat template has no place for tools"),
+    ("llama3", "Llama 3.0's chat template has no place for tools"),
+])
+def test_a_role_the_template_has_no_place_for(tok_path, tmp_path, template, message):
+    path = write(tmp_path / "t.jsonl", [json.dumps(tool_chat())])
+    with pytest.raises(data.DataError, match=f"t.jsonl:1: {message}"):
+        data.load_dataset(path, Tokenizer(tok_path, template=template), max_seq_len=512)
