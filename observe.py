@@ -11,7 +11,9 @@ points (start, log, sample, finish) and stays a training loop. Everything here i
 An eval prompt file is JSONL, one {"prompt": ..., "expected": ...} per line ("expected" optional).
 Answers are greedy, so the same adapter always gives the same answer; one counts as right when it
 contains the expected text, ignoring case, so write "expected" as the fact to find ("Saltmere"),
-not as a whole sentence. samples.jsonl gets one line per prompt and evaluation; step 0 is the
+not as a whole sentence. A prompt may carry "tools" (JSON schemas, as in the training data);
+"expected" may then be a tool's name: right when the answer calls it with a JSON object as
+arguments (tokenizer.parse_tool_calls). samples.jsonl gets one line per prompt and evaluation; step 0 is the
 base model (a fresh adapter changes nothing).
 
 loss.svg is drawn by hand (an SVG file is text: lines, circles and labels), so plotting needs
@@ -30,6 +32,7 @@ import data
 from generate import generate
 from lora import disable_adapters
 from model import InputError, written_atomically
+from tokenizer import parse_tool_calls
 
 MAX_NEW_TOKENS = 64  # per sampled answer: enough for a sentence, and shows a model that never stops
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -38,7 +41,8 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e3
 # --- eval prompts and answers ----------------------------------------------------------------
 
 def read_prompts(path):
-    """[{"prompt": str, "expected": str or None}] from a JSONL file; bad lines name file:line."""
+    """[{"prompt": str, "expected": str or None, "tools": list or None}] from a JSONL file; bad
+    lines name file:line."""
     prompts = []
     for n, record in data.read_jsonl(path):
         where = f"{path}:{n}"
@@ -47,24 +51,25 @@ def read_prompts(path):
         expected = record.get("expected")
         if expected is not None and (not isinstance(expected, str) or not expected.strip()):
             raise data.DataError(f"{where}: expected must be a non-empty string (or left out)")
-        if unknown := sorted(set(record) - {"prompt", "expected"}):
-            raise data.DataError(f"{where}: unknown key {unknown[0]!r} (only prompt and expected)")
-        prompts.append({"prompt": record["prompt"], "expected": expected})
+        if unknown := sorted(set(record) - {"prompt", "expected", "tools"}):
+            raise data.DataError(f"{where}: unknown key {unknown[0]!r} (only prompt, expected and tools)")
+        prompts.append({"prompt": record["prompt"], "expected": expected, "tools": data.check_tools(record.get("tools"), where)})
     return prompts
 
 
-def prompt_ids(tokenizer, prompt):
-    """A user turn in the checkpoint's chat template, ready for the reply; raw text if it has none."""
+def prompt_ids(tokenizer, prompt, tools=None):
+    """A user turn (after the tools' schemas) in the checkpoint's chat template, ready for the
+    reply; raw text if it has none."""
     if tokenizer.template is None:
         return tokenizer.encode(prompt)
-    text, _ = tokenizer.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    text, _ = tokenizer.render([{"role": "user", "content": prompt}], add_generation_prompt=True, tools=tools)
     return tokenizer.encode(text, bos=False)
 
 
-def answer(model, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKENS):
+def answer(model, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKENS, tools=None):
     """The model's greedy reply to one prompt, without its end-of-turn token."""
-    tokens = [t for t in generate(model, prompt_ids(tokenizer, prompt), max_new_tokens, eos_ids=tokenizer.eos_ids)
-              if t not in tokenizer.eos_ids]
+    ids = prompt_ids(tokenizer, prompt, tools)
+    tokens = [t for t in generate(model, ids, max_new_tokens, eos_ids=tokenizer.eos_ids) if t not in tokenizer.eos_ids]
     return tokenizer.decode(tokens).strip()
 
 
@@ -73,24 +78,28 @@ def answers(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS):
     was_training = model.training
     model.eval()
     try:
-        return [answer(model, tokenizer, p["prompt"], max_new_tokens) for p in prompts]
+        return [answer(model, tokenizer, p["prompt"], max_new_tokens, p.get("tools")) for p in prompts]
     finally:
         model.train(was_training)
 
 
-def is_right(reply, expected):
+def is_right(reply, expected, tools=None):
+    """The reply contains the expected text; or, when expected names one of the prompt's tools,
+    calls that tool with a JSON object as its arguments."""
+    if expected is not None and expected in {t["function"]["name"] for t in tools or []}:
+        return any(c.get("name") == expected and isinstance(c.get("arguments"), dict) for c in parse_tool_calls(reply))
     return expected is not None and expected.lower() in reply.lower()
 
 
 def count_right(prompts, replies):
-    """(right, checkable): how many replies contain their expected text, of those that have one."""
-    checkable = [(p["expected"], r) for p, r in zip(prompts, replies) if p["expected"] is not None]
-    return sum(is_right(r, e) for e, r in checkable), len(checkable)
+    """(right, checkable): how many replies are right, of those with an expected answer."""
+    checkable = [(p, r) for p, r in zip(prompts, replies) if p["expected"] is not None]
+    return sum(is_right(r, p["expected"], p.get("tools")) for p, r in checkable), len(checkable)
 
 
 def sample_records(step, prompts, replies):
     return [{"step": step, "prompt": p["prompt"], "answer": r, "expected": p["expected"],
-             **({"right": is_right(r, p["expected"])} if p["expected"] is not None else {})}
+             **({"right": is_right(r, p["expected"], p.get("tools"))} if p["expected"] is not None else {})}
             for p, r in zip(prompts, replies)]
 
 
@@ -99,8 +108,9 @@ def table(prompts, before, after, width=112, max_lines=4):
     answer marked [right] or [wrong] when there is an expected text. Cells wrap; long answers are
     cut after max_lines lines, their mark with them (samples.jsonl has them whole)."""
     has_expected = any(p["expected"] is not None for p in prompts)
-    mark = lambda r, e: r + (" [right]" if is_right(r, e) else " [wrong]") if e is not None else r
-    rows = [[p["prompt"], *([p["expected"] or ""] if has_expected else []), mark(b, p["expected"]), mark(a, p["expected"])]
+    mark = lambda r, p: r + (" [right]" if is_right(r, p["expected"], p.get("tools")) else " [wrong]") \
+        if p["expected"] is not None else r
+    rows = [[p["prompt"], *([p["expected"] or ""] if has_expected else []), mark(b, p), mark(a, p)]
             for p, b, a in zip(prompts, before, after)]
     head = ["prompt", *(["expected"] if has_expected else []), "base model", "fine-tuned"]
     # the prompt and expected columns as wide as their text (up to a cap); answers share the rest

@@ -341,3 +341,27 @@ def render_mistral_nemo(add, bos, eos, system, messages, tools):
             add(m["content"] + eos, trained=True)
         else:
             add(f'[TOOL_RESULTS]{{"content": {m["content"]}, "call_id": "{m["tool_call_id"]}"}}[/TOOL_RESULTS]')
+
+
+def parse_tool_calls(text):
+    """The tool calls in a generated reply, in whichever template's form: <tool_call> blocks
+    (ChatML, Qwen3), one JSON object with "parameters" (Llama 3), a [TOOL_CALLS] list (Mistral
+    Nemo). [{"name": str, "arguments": the JSON value given}], or {"invalid": text} for a call
+    that is not a JSON object with a name; [] for a reply that calls nothing."""
+    blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text, re.S)
+    if not blocks:
+        text = text.strip().removeprefix("[TOOL_CALLS]")
+        blocks = [text] if text.startswith(("{", "[{")) else []
+    calls = []
+    for block in blocks:
+        try:
+            value = json.loads(block)
+        except json.JSONDecodeError:
+            calls.append({"invalid": block.strip()})
+            continue
+        for c in value if isinstance(value, list) else [value]:
+            if isinstance(c, dict) and isinstance(c.get("name"), str):
+                calls.append({"name": c["name"], "arguments": c.get("arguments", c.get("parameters"))})
+            else:
+                calls.append({"invalid": json.dumps(c, ensure_ascii=False)})
+    return calls
