@@ -25,7 +25,14 @@ dim 0 (the offset is (1,), not a scalar), that the trainable parameters of a uni
 weight is read while the unit is gathered: dequantize() reads the parameters when called, in
 forward and again in backward. A shard is never dequantized on its own, so blocks may straddle
 two ranks' shards; gathered, the bytes are the ones quantize_nf4 wrote.
+
+No cast may touch the NF4 statistics. Module.to(torch.bfloat16), and an FSDP2 mixed-precision
+policy (which casts every floating-point parameter when it gathers), would round the fp32 absmax,
+nested absmax and offset to bf16, and bitsandbytes reads them as fp32: garbage weights. So
+NF4Linear stores their fp32 bits as int32 tensors (`.view(torch.int32)`), which no dtype cast
+converts, and views them back as fp32 when it dequantizes.
 """
+import functools
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -141,19 +148,26 @@ def _quantize_dynamic_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
     return codes.view(-1)[:n].to(torch.uint8), absmax
 
 
+@functools.cache
+def tables_on(device: torch.device) -> dict:
+    """The code tables on `device`, copied there once: a copy per dequantization would be a blocking
+    host-to-device transfer per layer, forward and backward, and the host could never run ahead."""
+    return {"nf4": NF4_CODE.to(device), "nf4_pairs": NF4_BYTE_PAIRS.to(device), "dynamic": DYNAMIC_CODE.to(device)}
+
+
 def absmax_fp32(q: NF4Weight) -> torch.Tensor:
     """(nblocks,) fp32 per-block scales, undoing double quantization if it was used."""
     if q.nested_absmax is None:
         return q.absmax
     scale = q.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:q.absmax.numel()]
-    return DYNAMIC_CODE.to(scale.device)[q.absmax.long()] * scale + q.offset
+    return tables_on(scale.device)["dynamic"][q.absmax.long()] * scale + q.offset
 
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rebuild the weight in `dtype` (default: the original dtype) and original shape."""
     n, bs = q.shape.numel(), q.blocksize
     absmax = absmax_fp32(q)
-    pairs = NF4_BYTE_PAIRS.to(q.packed.device).index_select(0, q.packed.int())  # (ceil(n/2),) int64
+    pairs = tables_on(q.packed.device)["nf4_pairs"].index_select(0, q.packed.int())  # (ceil(n/2),) int64
     w = pairs.view(torch.float32)[:n]  # (n,) fp32 code values
     nfull = n // bs
     w[:nfull * bs].view(nfull, bs).mul_(absmax[:nfull, None])  # fp32 product, then one rounding to dtype
@@ -164,27 +178,52 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
 def _dequantize_bnb(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     """Same numbers as dequantize_nf4, from bitsandbytes' fused CUDA kernel (imported only here)."""
     from bitsandbytes.functional import QuantState, dequantize_4bit
-    dev = q.packed.device
+    tables = tables_on(q.packed.device)
     state2 = None if q.nested_absmax is None else QuantState(
-        q.nested_absmax, code=DYNAMIC_CODE.to(dev), blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
-    state = QuantState(q.absmax, shape=q.shape, code=NF4_CODE.to(dev), blocksize=q.blocksize,
+        q.nested_absmax, code=tables["dynamic"], blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+    state = QuantState(q.absmax, shape=q.shape, code=tables["nf4"], blocksize=q.blocksize,
                        quant_type="nf4", dtype=dtype, offset=q.offset, state2=state2)
     return dequantize_4bit(q.packed.view(-1, 1), state)
 
 
-class _NF4Matmul(torch.autograd.Function):
-    """y = x @ W.T + b where W is rebuilt from 4 bits in forward and again in backward, so no
-    full-precision copy of W outlives either call (the QLoRA memory trick). W is frozen:
-    only x gets a gradient."""
+HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
-    @staticmethod
-    def forward(ctx, x, dequantize, bias):
-        ctx.dequantize = dequantize  # a bound method of the module: holds only the 4-bit parameters
-        return F.linear(x, dequantize(x.dtype), bias)
 
-    @staticmethod
-    def backward(ctx, grad_out):  # grad_out: (..., out_features)
-        return grad_out @ ctx.dequantize(grad_out.dtype), None, None  # (..., in_features)
+def _dequantize(packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, dtype):
+    """NF4Linear's parameters (statistics as int32 bits) -> the (out, in) weight in dtype."""
+    f32 = lambda t: None if t is None else t.view(torch.float32)
+    q = NF4Weight(packed, f32(absmax) if nested_absmax is None else absmax, torch.Size((out_features, in_features)),
+                  dtype, blocksize, f32(nested_absmax), None if offset is None else f32(offset).reshape(()))
+    return _dequantize_bnb(q, dtype) if packed.is_cuda and HAVE_BNB else dequantize_nf4(q, dtype)
+
+
+# The NF4 matmul as a custom operator: torch.compile sees one opaque call (no graph break inside
+# a block), and autograd sees a function whose backward rebuilds W instead of keeping it, so no
+# full-precision copy of W outlives either call (the QLoRA memory trick). W is frozen: only x
+# gets a gradient. transposed=True computes x @ W, the backward's product.
+@torch.library.custom_op("nanolora::nf4_matmul", mutates_args=())
+def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+               offset: torch.Tensor | None, out_features: int, in_features: int, blocksize: int,
+               bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    w = _dequantize(packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, x.dtype)
+    return x @ w if transposed else F.linear(x, w, bias)  # (..., in) -> (..., out), or back
+
+
+@nf4_matmul.register_fake
+def _(x, packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, bias, transposed):
+    return x.new_empty(*x.shape[:-1], in_features if transposed else out_features)
+
+
+def _nf4_matmul_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:5])  # the 4-bit parameters: no copy of anything
+    ctx.shape = inputs[5:8]
+
+
+def _nf4_matmul_backward(ctx, grad):  # grad: (..., out_features) -> (..., in_features)
+    return nf4_matmul(grad, *ctx.saved_tensors, *ctx.shape, None, True), *[None] * 9
+
+
+nf4_matmul.register_autograd(_nf4_matmul_backward, setup_context=_nf4_matmul_setup)
 
 
 def is_nf4_target(name: str, module: nn.Module) -> bool:
@@ -197,9 +236,10 @@ def is_nf4_target(name: str, module: nn.Module) -> bool:
 class NF4Linear(nn.Module):
     """A frozen nn.Linear whose weight (out_features, in_features) is stored as NF4.
 
-    Frozen parameters, 1-D so that FSDP can shard them (the state_dict keys): packed, absmax,
-    plus nested_absmax and offset (1,) when double-quantized, plus bias if present. Cast the
-    model to its dtype *before* quantizing: Module.to(dtype) would also round the fp32 statistics.
+    Frozen parameters, 1-D so that FSDP can shard them (the state_dict keys): packed (uint8),
+    absmax (uint8 codes when double-quantized, else fp32 bits), plus nested_absmax and offset (1,)
+    (fp32 bits) when double-quantized, plus bias if present (the compute dtype). The fp32
+    statistics are stored as int32 so that no dtype cast rounds them (see the module docstring).
     """
 
     def __init__(self, in_features, out_features, bias=False, blocksize=64, double_quant=True,
@@ -209,9 +249,9 @@ class NF4Linear(nn.Module):
         self.blocksize, self.double_quant, self.compute_dtype = blocksize, double_quant, compute_dtype
         n = in_features * out_features
         nblocks = math.ceil(n / blocksize)
-        frozen = lambda n, dtype=torch.float32: nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=False)
+        frozen = lambda n, dtype=torch.int32: nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=False)
         self.packed = frozen(math.ceil(n / 2), torch.uint8)
-        self.absmax = frozen(nblocks, torch.uint8 if double_quant else torch.float32)
+        self.absmax = frozen(nblocks, torch.uint8 if double_quant else torch.int32)
         self.nested_absmax = frozen(math.ceil(nblocks / NESTED_BLOCKSIZE)) if double_quant else None
         self.offset = frozen(1) if double_quant else None
         self.bias = frozen(out_features, compute_dtype) if bias else None
@@ -224,8 +264,9 @@ class NF4Linear(nn.Module):
         # On "meta" the placeholder parameters cost nothing; every one of them is replaced here.
         m = cls(in_features, out_features, bias is not None, blocksize, double_quant, weight.dtype, "meta")
         frozen = lambda t: None if t is None else nn.Parameter(t, requires_grad=False)
-        m.packed, m.absmax, m.nested_absmax = frozen(q.packed), frozen(q.absmax), frozen(q.nested_absmax)
-        m.offset = None if q.offset is None else frozen(q.offset.reshape(1))
+        bits = lambda t: t if t is None or t.dtype == torch.uint8 else t.view(torch.int32)  # fp32 statistics
+        m.packed, m.absmax, m.nested_absmax = frozen(q.packed), frozen(bits(q.absmax)), frozen(bits(q.nested_absmax))
+        m.offset = None if q.offset is None else frozen(bits(q.offset.reshape(1)))
         m.bias = None if bias is None else frozen(bias.detach().clone())
         return m
 
@@ -233,17 +274,14 @@ class NF4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, blocksize=64, double_quant=True):
         return cls.from_weight(linear.weight, linear.bias, blocksize, double_quant)
 
-    def nf4(self) -> NF4Weight:
-        shape = torch.Size((self.out_features, self.in_features))
-        offset = None if self.offset is None else self.offset.reshape(())  # the scalar bitsandbytes keeps
-        return NF4Weight(self.packed, self.absmax, shape, self.compute_dtype, self.blocksize, self.nested_absmax, offset)
+    def quantized(self):
+        """nf4_matmul's arguments after x: the 4-bit parameters and the shape."""
+        return (self.packed, self.absmax, self.nested_absmax, self.offset, self.out_features, self.in_features,
+                self.blocksize)
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The full (out, in) weight in `dtype` (default: compute dtype), e.g. to merge LoRA into."""
-        dtype = dtype or self.compute_dtype
-        if self.packed.is_cuda and importlib.util.find_spec("bitsandbytes") is not None:
-            return _dequantize_bnb(self.nf4(), dtype)
-        return dequantize_nf4(self.nf4(), dtype)
+        return _dequantize(*self.quantized(), dtype or self.compute_dtype)
 
     def to_linear(self) -> nn.Linear:
         """A frozen nn.Linear holding the dequantized weight (e.g. to merge an adapter into)."""
@@ -255,7 +293,7 @@ class NF4Linear(nn.Module):
 
     def forward(self, x):  # (..., in_features) -> (..., out_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _NF4Matmul.apply(x, self.dequantize, bias)
+        return nf4_matmul(x, *self.quantized(), bias, False)
 
     def extra_repr(self):
         nbytes = sum(p.numel() * p.element_size() for name, p in self.named_parameters() if name != "bias")
