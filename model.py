@@ -220,11 +220,18 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)
-        # grouped-query attention: each K/V head serves n_heads / n_kv_heads query heads
-        # (enable_gqa, without copying K/V n_heads / n_kv_heads times)
+        # grouped-query attention: each K/V head serves n_heads / n_kv_heads query heads. Without a
+        # mask, enable_gqa shares them with no copy (the flash kernel). With one (packing, or new
+        # tokens after a cache) no fused CUDA kernel takes both a mask and enable_gqa (flash takes
+        # no mask, memory-efficient no GQA): SDPA would fall back to the math kernel, O(T^2) fp32
+        # scores per layer. Repeating the K/V heads costs two (B, H, S, D) copies and keeps the
+        # memory-efficient kernel.
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is not None and gqa:
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
+            gqa = False
         # mask None: plain causal attention over the new tokens, or one token seeing all the cache
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -269,6 +276,18 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def checkpointed(block, x, cos, sin, mask, start, offload=False):
+    """block(x, ...) keeping only x for backward, which recomputes the block (non-reentrant: frozen
+    inputs still give the LoRA weights their gradients). offload: x waits for backward in host
+    memory (pinned on a GPU; both copies asynchronous, in stream order), and the device's copy is
+    freed once the next block has read it. A copy's backward is a copy back: the numbers are the same."""
+    if not offload:
+        return checkpoint(block, x, cos, sin, mask, start, use_reentrant=False)
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda).copy_(x, non_blocking=True)
+    run = lambda h, *args: block(h.to(cos.device, non_blocking=True), *args)
+    return checkpoint(run, host, cos, sin, mask, start, use_reentrant=False)
+
+
 class Decoder(nn.Module):
     """The `model.` part of a Hugging Face checkpoint: embeddings, blocks, final norm."""
 
@@ -288,12 +307,17 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self.gradient_checkpointing = False  # see enable_gradient_checkpointing
+        self.gradient_checkpointing = None  # None, "on" or "offload": see enable_gradient_checkpointing
+        self.layer_devices = None  # where each block runs, after split_layers; None: with the embeddings
 
-    def enable_gradient_checkpointing(self, on=True):
+    def enable_gradient_checkpointing(self, mode="on"):
         """In training, keep only each block's input and recompute the block in backward: activation
-        memory of one block instead of all, for about one more forward pass of compute."""
-        self.gradient_checkpointing = on
+        memory of one block instead of all, for about one more forward pass of compute. "offload"
+        keeps those inputs in (pinned) host memory until backward: on a GPU, the longest sequences."""
+        mode = {True: "on", False: None}.get(mode, mode)
+        if mode not in (None, "on", "offload"):
+            raise ValueError(f"gradient checkpointing {mode!r}: None, 'on' or 'offload'")
+        self.gradient_checkpointing = mode
         return self
 
     def hidden(self, input_ids, position_ids=None, doc_ids=None, start=0):
@@ -318,14 +342,14 @@ class Transformer(nn.Module):
             mask = (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
         elif start > 0 and T > 1:  # new tokens see the whole cache and each other causally: (T, start+T)
             mask = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
-        for block in self.model.layers:
-            if x.device != (d := block.input_layernorm.weight.device):  # after split_layers
+        for i, block in enumerate(self.model.layers):
+            if self.layer_devices is not None and x.device != (d := self.layer_devices[i]):
                 x, cos, sin, mask = (t if t is None else t.to(d) for t in (x, cos, sin, mask))
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, mask, start, use_reentrant=False)
+                x = checkpointed(block, x, cos, sin, mask, start, offload=self.gradient_checkpointing == "offload")
             else:
                 x = block(x, cos, sin, mask, start)
-        return self.model.norm(x.to(self.model.norm.weight.device))
+        return self.model.norm(x.to(device))  # back with the embeddings, final norm and lm_head
 
     def forward(self, input_ids, position_ids=None, doc_ids=None, start=0):
         return self.lm_head(self.hidden(input_ids, position_ids, doc_ids, start))  # (B, T, vocab)
@@ -351,16 +375,18 @@ class Transformer(nn.Module):
         (one process; devices take turns). Embeddings, final norm and lm_head (tied with the
         embeddings in some models) stay on the first device."""
         n = len(self.model.layers)
-        for i, block in enumerate(self.model.layers):
-            block.to(devices[i * len(devices) // n])
+        self.layer_devices = [torch.device(devices[i * len(devices) // n]) for i in range(n)]
+        for block, device in zip(self.model.layers, self.layer_devices):
+            block.to(device)
         return self
 
     def setup_cache(self, batch_size, max_len):
         """Give each attention layer a KV cache of max_len positions (None to remove them)."""
         c, p = self.config, self.model.embed_tokens.weight  # the compute dtype (lm_head may be LoRA-wrapped)
-        for block in self.model.layers:
+        for i, block in enumerate(self.model.layers):
+            device = p.device if self.layer_devices is None else self.layer_devices[i]
             block.self_attn.kv_cache = None if batch_size is None else KVCache(
-                batch_size, max_len, c.num_key_value_heads, c.head_dim, p.dtype, block.input_layernorm.weight.device)
+                batch_size, max_len, c.num_key_value_heads, c.head_dim, p.dtype, device)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", quantize=None):
