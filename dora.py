@@ -23,8 +23,10 @@ use_dora=True), train.py --use_dora), and saves and loads them in PEFT's format,
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lora import LoRAEmbedding, LoRALinear, base_weight
+from quant import nf4_matmul
 
 
 class Magnitude:
@@ -94,23 +96,31 @@ class DoRALinear(Magnitude, LoRALinear):
         name = self.active
         if name not in self.lora_magnitude_vector or self.disabled or self.merged:
             return super().forward(x)
-        A, B, s, dropout = self.lora_A[name], self.lora_B[name], self.scaling[name], self.lora_dropout[name]
+        s, dropout = self.scaling[name], self.lora_dropout[name]
+        # in the input's dtype from the fp32 weights, as LoRALinear's update
+        A, B = (w.to(x.dtype) for w in (self.lora_A[name].weight, self.lora_B[name].weight))
+        g = (self.lora_magnitude_vector[name] / self.weight_norm(name, x.dtype)).to(x.dtype)  # m / ||V||, (out,)
         y = self.base(x)  # (..., out)
-        x = x.to(A.weight.dtype)  # computed in the adapter's dtype, as the update of LoRALinear
-        g = self.lora_magnitude_vector[name] / self.weight_norm(name, x.dtype)  # m / ||V||, (out,)
+        bias = 0.0 if self.base.bias is None else self.base.bias.to(x.dtype)
         # W' x + b = g * (W x + s B A x) + b. Written so, autograd keeps one (..., out) tensor
         # for backward, the one g multiplies (PEFT's (g - 1) W x + g s B A x keeps two).
         if self.training and not isinstance(dropout, nn.Identity):
             # LoRA's dropout acts on x in both terms here, so W x is recomputed on dropout(x),
             # as PEFT does (one more matmul with W per layer); y's own W x is swapped for it.
             x = dropout(x)
-            wx = nn.functional.linear(x, base_weight(self.base).to(x.dtype))
-            rest = y.to(x.dtype) - wx
+            wx = base_product(self.base, x)
+            rest = y - wx
         else:
-            bias = self.base.bias
-            rest = 0.0 if bias is None else bias.to(x.dtype)
-            wx = y.to(x.dtype) - rest
-        return (rest + g * (wx + s * B(A(x)))).to(y.dtype)
+            rest, wx = bias, y - bias
+        return rest + g * (wx + s * F.linear(F.linear(x, A), B))
+
+
+def base_product(layer, x):
+    """x W^T with no bias, in x's dtype, keeping nothing weight-sized for backward: an NF4 weight
+    is rebuilt in backward (quant.nf4_matmul), a plain one is the layer's own parameter."""
+    if hasattr(layer, "quantized"):
+        return nf4_matmul(x, *layer.quantized(), None, False)
+    return F.linear(x, layer.weight.to(x.dtype))
 
 
 class DoRAEmbedding(Magnitude, LoRAEmbedding):
@@ -128,8 +138,8 @@ class DoRAEmbedding(Magnitude, LoRAEmbedding):
         name = self.active
         if name not in self.lora_magnitude_vector or self.disabled or self.merged:
             return super().forward(ids)
-        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
         y = self.base(ids)  # (B, T, dim)
-        g = self.lora_magnitude_vector[name] / self.weight_norm(name, A.dtype)  # (dim,)
-        update = nn.functional.embedding(ids, A.T) @ B.T * self.scaling[name]
-        return (g * (y.to(A.dtype) + update)).to(y.dtype)
+        A, B = (w.to(y.dtype) for w in (self.lora_embedding_A[name], self.lora_embedding_B[name]))  # as DoRALinear
+        g = (self.lora_magnitude_vector[name] / self.weight_norm(name, y.dtype)).to(y.dtype)  # (dim,)
+        update = F.embedding(ids, A.T) @ B.T * self.scaling[name]
+        return g * (y + update)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model import InputError, written_atomically
 
@@ -145,12 +146,13 @@ class LoRALinear(LoRALayer):
         name = self.active
         if name is None or self.disabled or self.merged:  # merged: base(x) already includes it
             return y
-        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
-        xa = A(self.lora_dropout[name](x.to(A.weight.dtype)))  # (..., in) -> (..., r), in the adapter's dtype
-        if xa.dtype != y.dtype:  # e.g. a bf16 model with fp32 adapters: the update is added in y's dtype
-            return y + (B(xa) * s).to(y.dtype)
+        # In the input's dtype from the fp32 weights, as autocast computes: the casts are adapter-sized,
+        # autograd keeps nothing activation-sized in fp32, and the gradients reach A and B in fp32.
+        A, B = (w.to(x.dtype) for w in (self.lora_A[name].weight, self.lora_B[name].weight))
+        xa = F.linear(self.lora_dropout[name](x), A)  # (..., in) -> (..., r)
         # y + s * xa B^T as one matmul-and-add: no (..., out)-sized temporaries besides the result
-        return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.weight.T, alpha=s).view(y.shape)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.T,
+                           alpha=self.scaling[name]).view(y.shape)
 
 
 class LoRAEmbedding(LoRALayer):
@@ -178,9 +180,9 @@ class LoRAEmbedding(LoRALayer):
         name = self.active
         if name is None or self.disabled or self.merged:
             return y
-        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        xa = nn.functional.embedding(ids, A.T)  # row ids of A^T (vocab, r): (B, T, r)
-        return y + (xa @ B.T * self.scaling[name]).to(y.dtype)
+        A, B = (w.to(y.dtype) for w in (self.lora_embedding_A[name], self.lora_embedding_B[name]))  # as LoRALinear
+        xa = F.embedding(ids, A.T)  # row ids of A^T (vocab, r): (B, T, r)
+        return y + xa @ B.T * self.scaling[name]
 
 
 def base_weight(layer):
