@@ -55,10 +55,9 @@ def every_rank(state):
     """[rank 0's, rank 1's, ...] of a per-process tensor (a RNG state), gathered to every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [state]
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    states = [torch.empty_like(state, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(states, state.to(device))
-    return [s.cpu() for s in states]
+    states = [torch.empty_like(state) for _ in range(dist.get_world_size())]
+    dist.all_gather(states, state)  # on the host: train.py's process groups have gloo for CPU tensors
+    return states
 
 
 def checkpoints(out):
@@ -84,11 +83,26 @@ def load_checkpoint(path, model, optimizer):
     tensors = load_file(path / "trainer_state.safetensors")
     state = json.loads((path / "trainer_state.json").read_text())
     fsdp.load_optimizer_state(optimizer, unflatten_optimizer(tensors, state.pop("optimizer")))
+    keep_paged(optimizer)
     rank = f".{dist.get_rank()}" if dist.is_initialized() and dist.get_rank() else ""
     torch.set_rng_state(tensors.get(f"rng.cpu{rank}", tensors["rng.cpu"]))
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors.get(f"rng.cuda{rank}", tensors["rng.cuda"]))
     return state
+
+
+def keep_paged(optimizer):
+    """bitsandbytes' load_state_dict moves each loaded state with .to(param.device): a paged state
+    (paged_adamw8bit) would come back as ordinary GPU memory, and never page out again. Each goes
+    back into a buffer the optimizer makes as it does for a new state (paged when it pages those)."""
+    if not getattr(optimizer, "is_paged", False):
+        return
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if k in ("state1", "state2") and v.is_cuda and not getattr(v, "is_paged", False):
+                buffer = optimizer.get_state_buffer(p, dtype=v.dtype)
+                if getattr(buffer, "is_paged", False):
+                    state[k] = buffer.copy_(v)
 
 
 def flatten_optimizer(sd):

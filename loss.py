@@ -7,7 +7,7 @@ prompts), as one module, so DistributedDataParallel sees the whole forward. `--l
 whole (tokens x vocabulary) logits: it is derived by hand from token_loss, and checked against
 it whenever it is used, so an edited token_loss is never silently replaced by the old one.
 
-    loss_sum = CausalLMLoss(model)(input_ids, targets, position_ids, doc_ids)  # a 0-dim fp32 tensor
+    loss_sum = CausalLMLoss(model)(input_ids, targets, position_ids, doc_ids, keep)  # a 0-dim fp32 tensor
 """
 import torch
 import torch.nn as nn
@@ -37,10 +37,13 @@ class CausalLMLoss(nn.Module):
                 raise ValueError("the fused loss needs a frozen nn.Linear lm_head")
             check_fused_loss(model.lm_head.weight)
 
-    def forward(self, input_ids, targets, position_ids, doc_ids):
+    def forward(self, input_ids, targets, position_ids, doc_ids, keep=None):
+        """keep: the flat indices of the trained positions (B * T numbering), found on the host
+        (train.batch_to): found here, on a GPU, the host would wait for it (a synchronization)."""
         h = self.model.hidden(input_ids, position_ids, doc_ids)  # (B, T, C)
-        keep = targets != IGNORE  # logits only where a token is trained (replies, not prompts)
-        h, targets = h[keep], targets[keep]  # (N, C), (N,)
+        if keep is None:  # logits only where a token is trained (replies, not prompts)
+            keep = (targets.view(-1) != IGNORE).nonzero().squeeze(1)
+        h, targets = h.flatten(0, 1).index_select(0, keep), targets.view(-1).index_select(0, keep)  # (N, C), (N,)
         if not self.fused:
             return token_loss(self.model.lm_head(h), targets)  # the (N, vocab) logits, then the loss
         return LinearCrossEntropy.apply(h, self.model.lm_head.weight, targets)  # the same, chunk by chunk

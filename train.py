@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data
@@ -71,7 +72,10 @@ class TrainConfig:
     lr_scheduler: str = flag("cosine", "decay after warmup", ("cosine", "linear", "constant"))
     weight_decay: float = flag(0.0, "AdamW's decoupled weight decay")
     max_grad_norm: float = flag(1.0, "clip the gradient norm; 0: no clipping")
-    optimizer: str = flag("adamw", "8-bit states need bitsandbytes", ("adamw", "adamw8bit", "paged_adamw8bit"))
+    optimizer: str = flag("adamw", "adamw: 8 bytes of state per trained parameter, one fused kernel on CUDA "
+                          "(the fast one); adamw8bit: 2 bytes, but bitsandbytes waits for the GPU after each "
+                          "tensor (slower); paged_adamw8bit: the same, paged out to host memory under pressure",
+                          ("adamw", "adamw8bit", "paged_adamw8bit"))
     seed: int = flag(42, "LoRA init, dropout and the order of rows")
     # the rows
     max_seq_len: int = flag(512, "longer examples are truncated (and counted)")
@@ -82,7 +86,8 @@ class TrainConfig:
     precision: str = flag(None, "default: bf16 on CUDA, fp32 on CPU", ("bf16", "fp32"))
     loss: str = flag("fused", "plain: logits, then cross_entropy; fused: the same in chunks, no full logits "
                      "(when lm_head has no adapter)", ("fused", "plain"))
-    gradient_checkpointing: bool = flag(False, "recompute blocks in backward: less memory")
+    gradient_checkpointing: str = flag(None, "recompute blocks in backward: less memory; offload: "
+                                       "their inputs wait in host memory (the longest sequences)", ("on", "offload"))
     enable_model_splitting: bool = flag(False, "spread layers over the visible GPUs (one process)")
     fsdp: bool = flag(False, "shard base, adapters, gradients and optimizer states over the processes (FSDP2)")
     fsdp_cpu_offload: bool = flag(False, "with --fsdp: keep the shards in host memory between uses")
@@ -118,6 +123,8 @@ def parse_args(argv=None):
         kw = {"help": f.metadata["help"] + default}
         if f.type is bool:
             p.add_argument(f"--{f.name}", action="store_true", **kw)
+        elif f.name == "gradient_checkpointing":  # --gradient_checkpointing alone means "on"
+            p.add_argument(f"--{f.name}", nargs="?", const="on", choices=f.metadata["choices"], **kw)
         else:
             p.add_argument(f"--{f.name}", type=f.type, choices=f.metadata["choices"], **kw)
     given = vars(p.parse_args(argv))
@@ -190,7 +197,10 @@ def lr_at(step, cfg, total_steps):
 
 def make_optimizer(cfg, params):
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        # fused: one kernel updates every tensor on CUDA (foreach, the default, a few per tensor
+        # group); not for shards that FSDP offloads to host memory
+        fused = all(p.is_cuda for p in params) or None
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
     import bitsandbytes as bnb  # 8-bit optimizer states: 2 bytes per parameter instead of 8
     opt = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
     return opt(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -198,17 +208,19 @@ def make_optimizer(cfg, params):
 
 def forward_backward(loss_fn, micro, world=1):
     """Accumulate in .grad the gradient of the step's loss: the sum over the trained tokens of all
-    micro batches (of all ranks) divided by their count. Returns that loss, a Python float."""
-    n_targets = all_sum(sum((b["targets"] != IGNORE).sum() for b in micro).float(), world)
-    loss_sum = 0.0
+    micro batches (of all ranks) divided by their count. Returns that loss as a 0-dim tensor on
+    the device, not yet read: the step reads its figures in one synchronization."""
+    # counted on the host (len(keep) is a shape), summed over ranks on the host too
+    n_targets = all_sum(torch.tensor(float(sum(len(b["keep"]) for b in micro))), world).item()
+    loss_sum = 0
     for i, b in enumerate(micro):
         # DDP all-reduces gradients in backward: only the last micro batch of the step needs it
         sync = i == len(micro) - 1 or world == 1
         with fsdp.no_sync(loss_fn) if not sync else nullcontext():
-            loss = loss_fn(b["input_ids"], b["targets"], b["position_ids"], b["doc_ids"])
-            (loss * world / n_targets).backward()  # DDP averages over ranks: * world makes it a sum
-        loss_sum += loss.detach()
-    return (all_sum(torch.as_tensor(loss_sum, dtype=torch.float32).clone(), world) / n_targets).item()
+            loss = loss_fn(b["input_ids"], b["targets"], b["position_ids"], b["doc_ids"], b["keep"])
+            (loss * (world / n_targets)).backward()  # DDP averages over ranks: * world makes it a sum
+        loss_sum = loss_sum + loss.detach()
+    return all_sum(loss_sum, world) / n_targets
 
 
 def evaluate(loss_fn, rows, pad_id, micro_batch_size, device, rank, world):
@@ -218,34 +230,42 @@ def evaluate(loss_fn, rows, pad_id, micro_batch_size, device, rank, world):
     with torch.no_grad():
         for i in range(rank * micro_batch_size, len(rows), world * micro_batch_size):
             b = batch_to(data.collate(rows[i:i + micro_batch_size], pad_id), device)
-            total[0] += loss_fn(b["input_ids"], b["targets"], b["position_ids"], b["doc_ids"]).double()
-            total[1] += (b["targets"] != IGNORE).sum()
+            total[0] += loss_fn(b["input_ids"], b["targets"], b["position_ids"], b["doc_ids"], b["keep"]).double()
+            total[1] += len(b["keep"])
     loss_fn.train()
     loss = (all_sum(total, world)[0] / total[1].clamp(min=1)).item()
     return loss, math.exp(min(loss, 50))
 
 
 def batch_to(b, device):
-    return {k: v.to(device) if v is not None else None for k, v in b.items()}
+    """A collated batch on the device, with `keep`: the flat indices of its trained positions,
+    found here on the host (on a GPU, a boolean mask would make the host wait). On CUDA the
+    copies come from pinned memory and do not block: the host runs ahead to the next kernels."""
+    b = dict(b, keep=(b["targets"].view(-1) != IGNORE).nonzero().squeeze(1))
+    cuda = torch.device(device).type == "cuda"
+    return {k: None if v is None else (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) for k, v in b.items()}
 
 
 # --- setup -------------------------------------------------------------------------------------
+
+# On GPUs, NCCL for CUDA tensors and gloo for CPU ones: the step's counts are summed on the host,
+# and FSDP's offloaded shards and gradients are CPU DTensors (clip_grad_norm_, full_tensor()).
+BACKEND = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+
 
 def setup_distributed(fsdp=False):
     """rank, world size, device: torchrun's environment if present, else one process (which FSDP
     still runs as a process group of one)."""
     if "RANK" not in os.environ:
-        device = torch.device(default_device())
         if fsdp:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-        return 0, 1, device
+            dist.init_process_group(BACKEND, store=dist.HashStore(), rank=0, world_size=1)
+        return 0, 1, torch.device(default_device())
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        return rank, world, torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return rank, world, torch.device("cpu")
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(BACKEND, device_id=device if device.type == "cuda" else None)
+    return rank, world, device
 
 
 def cpu_threads():
@@ -429,20 +449,25 @@ def train(cfg, rank=0, world=1, device="cpu"):
                 group["lr"] = lr
             loss = forward_backward(loss_fn, micro, world)
             grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            if isinstance(grad_norm, DTensor):  # FSDP: the same norm on every rank, replicated
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            # the step's one synchronization: the host waits for the GPU here, and only here
+            loss, grad_norm = torch.stack([loss, grad_norm.to(loss.device)]).tolist()
             if not math.isfinite(loss):
                 raise InputError(f"loss is {loss} at step {step}: lower --learning_rate, or use --precision fp32")
 
-            # log: loss per trained token, learning rate, gradient norm, speed
+            # log: loss per trained token, learning rate, gradient norm, speed; and whether a
+            # Ctrl-C / SIGTERM reached any rank (summed over ranks on the host)
             dt = time.perf_counter() - t0
-            n_tokens = float(sum(len(rows[i]["input_ids"]) for b in idx for i in b))
-            n_tokens = all_sum(torch.tensor(n_tokens, device=device), world).item()
+            n_tokens = sum(len(rows[i]["input_ids"]) for b in idx for i in b)
+            n_tokens, signals = all_sum(torch.tensor([n_tokens, stop["signal"] is not None], dtype=torch.float64), world).tolist()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
             record = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=round(loss, 6), lr=lr,
-                          grad_norm=round(float(grad_norm), 6), tokens_per_s=round(n_tokens / dt, 1),
+                          grad_norm=round(grad_norm, 6), tokens_per_s=round(n_tokens / dt, 1),
                           elapsed_s=round(time.perf_counter() - t_start, 2))
 
             # evaluate: every eval_every steps and at the end
@@ -461,7 +486,7 @@ def train(cfg, rank=0, world=1, device="cpu"):
                 observer.log(record)
 
             # checkpoint: every save_every steps, and when Ctrl-C / SIGTERM reached any rank
-            interrupted = all_sum(torch.tensor(float(stop["signal"] is not None), device=device), world).item() > 0
+            interrupted = signals > 0
             if interrupted or (save_every and step % save_every == 0 and step < total_steps):
                 save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch}, cfg.keep_checkpoints)
             if interrupted:
@@ -490,6 +515,8 @@ def main(argv=None):
             print(memory.format_estimate(memory.estimate_for_run(cfg)))
             return
     rank, world, device = setup_distributed(cfg.fsdp)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for --precision fp32; bf16 runs are the same
     threads = cpu_threads()
     if device.type == "cpu" and threads != torch.get_num_threads():
         print(f"cpu: {threads} threads, not {torch.get_num_threads()}: other processes keep cores busy "

@@ -115,7 +115,7 @@ def test_one_micro_batch_of_4_equals_two_of_2(tiny_checkpoint):
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for split in ([rows], [rows[:2], rows[2:]]):
-        loss = train.forward_backward(loss_fn, [data.collate(r, tok.pad_id) for r in split])
+        loss = train.forward_backward(loss_fn, [train.batch_to(data.collate(r, tok.pad_id), "cpu") for r in split]).item()
         results.append((loss, [p.grad.clone() for p in params]))
         model.zero_grad(set_to_none=True)
     (l4, g4), (l2, g2) = results
@@ -143,7 +143,7 @@ def test_packing_changes_nothing_but_the_layout(tiny_checkpoint, tmp_path):
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for batch in (rows, packed):
-        loss = train.forward_backward(loss_fn, [data.collate(batch, tok.pad_id)])
+        loss = train.forward_backward(loss_fn, [train.batch_to(data.collate(batch, tok.pad_id), "cpu")]).item()
         results.append((loss, [p.grad.clone() for p in params]))
         model.zero_grad(set_to_none=True)
     (a, ga), (b, gb) = results
