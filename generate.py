@@ -5,25 +5,33 @@
     python generate.py --adapter_path out/lora                            # with a trained adapter
     python generate.py --adapter_path a=out/a --adapter_path b=out/b      # several, the first active
     python generate.py                                                    # interactive chat on stdin
+    python generate.py --tools data/brannock_tools.json --prompt "Next ferry to Kestry?"   # a tool call, as JSON
+    python generate.py --model_path Qwen/Qwen3-0.6B --no_think            # Qwen3 without reasoning
 
 With --prompt only the generated text goes to stdout (streamed as it arrives); timings and
-notes go to stderr. In the chat, /help lists the commands: switch adapter, the base model,
+notes go to stderr. With --tools, a reply that calls tools puts only the calls on stdout, one
+JSON object per line, {"name": ..., "arguments": {...}}, for a script to act on; in the chat
+they follow the reply, and /tool RESULT gives the model each call's result. In the chat, /help lists the commands: switch adapter, the base model,
 the same prompt answered by each. Ctrl-C ends the reply in progress; at the prompt, or a
 second time, it leaves (an interrupted --prompt exits with 130, as the shell does).
 """
 import argparse
+import io
+import json
 import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
 from itertools import takewhile
+from pathlib import Path
 
 import torch
 
+from data import check_tools
 from hub import DEFAULT_MODEL, resolve_checkpoint, same_checkpoint
 from lora import check_adapter_folder, disable_adapters, load_adapter, set_adapter
 from model import InputError, Transformer, default_device, default_dtype, exit_on_input_error
-from tokenizer import TEMPLATES, Tokenizer
+from tokenizer import TEMPLATES, Tokenizer, parse_tool_calls
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -156,17 +164,34 @@ COMMANDS = """\
 /base              answer with the base model (adapters off)
 /compare PROMPT    PROMPT answered by each adapter, then by the base, after the same conversation
                    (same seed; the answers are not kept in the conversation)
+/tool RESULT       the result of the oldest tool call not yet answered (--tools); once every call
+                   of the reply has its result, the model answers
+/think, /no_think  Qwen3: replies with reasoning (the default), or without
 /reset             forget the conversation
 /help              this list
 An empty line, Ctrl-D, or Ctrl-C at the prompt leaves; Ctrl-C during a reply ends the reply."""
 
 
-class Chat:
-    """A conversation: the turns so far and which adapter answers (None: the base model)."""
+def read_tools(path):
+    """The JSON schemas of a --tools file: [{"type": "function", "function": {...}}, ...]."""
+    try:
+        tools = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise InputError(f"--tools {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"--tools {path}: not valid JSON ({e})") from None
+    return check_tools(tools, f"--tools {path}") or []
 
-    def __init__(self, model, tokenizer, adapters, sampling, chat=True, system=None, out=sys.stdout):
+
+class Chat:
+    """A conversation: the turns so far and which adapter answers (None: the base model).
+    With tools, a reply's tool calls are printed as JSON lines, {"name": ..., "arguments": {...}}:
+    alone on stdout when `calls_only` (--prompt), else after the streamed reply."""
+
+    def __init__(self, model, tokenizer, adapters, sampling, chat=True, system=None, out=sys.stdout,
+                 tools=None, enable_thinking=True, calls_only=False):
         self.model, self.tokenizer, self.adapters, self.sampling = model, tokenizer, dict(adapters), sampling
-        self.chat, self.out = chat, out
+        self.chat, self.out, self.tools, self.enable_thinking, self.calls_only = chat, out, tools, enable_thinking, calls_only
         self.start = [{"role": "system", "content": system}] if system else []
         self.messages = list(self.start)
         self.active = next(iter(self.adapters), None)  # load() made the first adapter active
@@ -181,11 +206,37 @@ class Chat:
             set_adapter(self.model, name)  # an unknown name: LoRAError lists the adapters
         self.active = name
 
+    def open_calls(self):
+        """The ids of the last reply's tool calls that have no result yet, oldest first."""
+        answered = []
+        for m in reversed(self.messages):
+            if m["role"] != "tool":
+                return [c["id"] for c in m.get("tool_calls", [])][len(answered):]
+            answered.append(m)
+        return []
+
     def reply(self, prompt, remember=True):
         """Stream the answer to `prompt` to self.out; False when Ctrl-C cut it short."""
-        messages = self.messages + [{"role": "user", "content": prompt}]
+        return self.answer(self.messages + [{"role": "user", "content": prompt}], prompt, remember)
+
+    def tool_result(self, result):
+        """/tool RESULT: the result of the oldest open call; the answer comes once none is open."""
+        if not (ids := self.open_calls()):
+            raise InputError("/tool: no tool call waits for a result")
+        self.messages = self.messages + [{"role": "tool", "content": result, "tool_call_id": ids[0]}]
+        if len(ids) > 1:
+            print(f"[{len(ids) - 1} more tool call(s) to answer with /tool]", file=sys.stderr)
+            return True
+        return self.answer(self.messages, None)
+
+    def answer(self, messages, prompt, remember=True):
         if self.chat:
-            ids = self.tokenizer.encode(self.tokenizer.render(messages, add_generation_prompt=True)[0], bos=False)
+            try:
+                text = self.tokenizer.render(messages, add_generation_prompt=True,
+                                             enable_thinking=self.enable_thinking, tools=self.tools)[0]
+            except ValueError as e:  # tools for a template that has no place for them
+                raise InputError(str(e)) from None
+            ids = self.tokenizer.encode(text, bos=False)
         else:
             ids = self.tokenizer.encode(prompt)
         if len(ids) >= self.model.config.max_position_embeddings:
@@ -193,16 +244,35 @@ class Chat:
                              f"{self.model.config.max_position_embeddings} positions"
                              + (" (/reset forgets the conversation)" if len(self.messages) > len(self.start) else ""))
         stats, eos = {}, self.tokenizer.eos_ids
+        out = io.StringIO() if self.calls_only else self.out
         base_only = disable_adapters(self.model) if self.adapters and self.active is None else nullcontext()
         with base_only, ctrl_c_stops_reply() as stopped:
             tokens = generate(self.model, ids, eos_ids=eos, stats=stats, **self.sampling)
             try:
                 # Ctrl-C sets `stopped` while a token is computed; the text so far ends the reply
-                text = stream_text(self.tokenizer, takewhile(lambda _: not stopped, tokens), eos, self.out)
+                text = stream_text(self.tokenizer, takewhile(lambda _: not stopped, tokens), eos, out)
             finally:
                 tokens.close()  # frees the KV cache now, also when a second Ctrl-C raises
+        reply = {"role": "assistant", "content": text}
+        if self.tools and self.chat:
+            calls = []
+            for c in parse_tool_calls(text):
+                if "invalid" in c or not isinstance(c["arguments"], dict):
+                    print(f"generate.py: not a tool call (a name and a JSON object of arguments): "
+                          f"{c.get('invalid') or json.dumps(c, ensure_ascii=False)}", file=sys.stderr)
+                else:
+                    calls.append(c)
+            if calls:  # the history keeps them as calls, with the ids Mistral Nemo's template wants
+                reply = {"role": "assistant", "content": text.split("<tool_call>")[0].strip() if "<tool_call>" in text else "",
+                         "tool_calls": [{"type": "function", "id": f"call{len(messages) + i:05d}",
+                                         "function": {"name": c["name"], "arguments": c["arguments"]}} for i, c in enumerate(calls)]}
+            lines = [json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False) for c in calls]
+            if self.calls_only:
+                print("\n".join(lines) if lines else text, file=self.out)
+            elif lines:
+                print("\n".join(lines) + "\n[answer with /tool RESULT]", file=self.out)
         if remember and self.chat:
-            self.messages = messages + [{"role": "assistant", "content": text}]
+            self.messages = messages + [reply]
         if stopped:
             print("[stopped]", file=sys.stderr)
             return False
@@ -240,6 +310,15 @@ class Chat:
             if not arg:
                 raise InputError("/compare PROMPT: the prompt is missing")
             self.compare(arg)
+        elif cmd == "/tool":
+            if not arg:
+                raise InputError("/tool RESULT: the result is missing")
+            self.tool_result(arg)
+        elif cmd in ("/think", "/no_think"):
+            if self.tokenizer.template != "qwen3":
+                raise InputError(f"{cmd}: only Qwen3's template turns thinking on and off")
+            self.enable_thinking = cmd == "/think"
+            print(f"[replies {'with' if self.enable_thinking else 'without'} reasoning]", file=sys.stderr)
         else:
             raise InputError(f"unknown command {cmd} (/help lists them)")
 
@@ -271,6 +350,9 @@ def main(argv=None):
     p.add_argument("--no_chat", action="store_true", help="raw completion: no chat template")
     p.add_argument("--chat_template", choices=TEMPLATES, help="override the template detected from the checkpoint")
     p.add_argument("--system", help="system prompt (default: the checkpoint template's own, if any)")
+    p.add_argument("--tools", metavar="TOOLS.json", help='JSON list of tool schemas [{"type": "function", "function": '
+                   '{...}}]; a tool call is printed as {"name": ..., "arguments": ...}, one per line')
+    p.add_argument("--no_think", action="store_true", help="Qwen3: reply without reasoning (enable_thinking=False)")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top_k", type=int)
@@ -286,6 +368,7 @@ def main(argv=None):
     try:
         with exit_on_input_error("generate.py"):
             adapters = parse_adapters(args.adapter_path)
+            tools = read_tools(args.tools) if args.tools else None
             model, tokenizer = load(args.model_path, adapters, args.load_in_4bit, args.device,
                                     chat_template=args.chat_template)
             chat = not args.no_chat and tokenizer.template is not None
@@ -293,7 +376,10 @@ def main(argv=None):
                 print("generate.py: this checkpoint has no chat template; raw completion (--no_chat)", file=sys.stderr)
             sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
-            session = Chat(model, tokenizer, adapters, sampling, chat, args.system)
+            if args.no_think and tokenizer.template != "qwen3":
+                print("generate.py: --no_think: only Qwen3's template turns thinking off; ignored", file=sys.stderr)
+            session = Chat(model, tokenizer, adapters, sampling, chat, args.system, tools=tools,
+                           enable_thinking=not args.no_think, calls_only=bool(tools and chat and args.prompt is not None))
             if adapters:
                 print(session.describe(), file=sys.stderr)
             if args.prompt is None:

@@ -1,4 +1,5 @@
 """generate.py and tokenizer.py: sampling, stopping, the real model's chat, the command line, the hub."""
+import copy
 import http.server
 import io
 import json
@@ -12,7 +13,7 @@ import torch
 from conftest import ROOT, tiny_config, write_tiny_tokenizer
 from generate import generate, load, sample, stream_text
 from hub import resolve_checkpoint
-from model import CheckpointError, Transformer
+from model import CheckpointError, InputError, Transformer
 from test_model import write_checkpoint
 from tokenizer import Tokenizer, render_chat
 
@@ -232,3 +233,117 @@ def test_llama31_dated_system_header():
                     "Today Date: 26 Jul 2024\n\nSystem message<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
                     "User message<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nAssistant message<|eot_id|>")
     assert [text[a:b] for a, b in spans] == ["Assistant message<|eot_id|>"]
+
+
+# --- tools and thinking ------------------------------------------------------------------------
+
+TOOLS = json.loads((ROOT / "data" / "brannock_tools.json").read_text())
+CALL = '<tool_call>\n{"name": "ferry_times", "arguments": {"port": "Kestry"}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def chatml_tok(tmp_path_factory):
+    from conftest import write_chatml_tokenizer
+    return Tokenizer(write_chatml_tokenizer(tmp_path_factory.mktemp("chatml")))
+
+
+def scripted_chat(monkeypatch, tok, replies, **kw):
+    """A Chat whose model "generates" the given replies in turn; the prompts it got are recorded."""
+    import generate as g
+
+    prompts, replies = [], list(replies)
+
+    def fake(model, prompt_ids, stats, **_):
+        prompts.append(tok.tok.decode(prompt_ids, skip_special_tokens=False))
+        ids = tok.encode(replies.pop(0), bos=False) + [min(tok.eos_ids)]
+        stats.update(prompt_tokens=len(prompt_ids), prefill_s=1, new_tokens=len(ids), decode_s=1)
+        yield from ids
+
+    monkeypatch.setattr(g, "generate", fake)
+    out = io.StringIO()
+    return g.Chat(Transformer(tiny_config(max_position_embeddings=2048)), tok, {}, {}, out=out, **kw), prompts, out
+
+
+def test_parse_tool_calls_in_each_templates_form():
+    from tokenizer import parse_tool_calls
+    want = [{"name": "ferry_times", "arguments": {"port": "Kestry"}}]
+    assert parse_tool_calls("Let me look.\n" + CALL) == want  # ChatML, Qwen3
+    assert parse_tool_calls('{"name": "ferry_times", "parameters": {"port": "Kestry"}}') == want  # Llama 3
+    assert parse_tool_calls('[TOOL_CALLS][{"name": "ferry_times", "arguments": {"port": "Kestry"}, "id": "a"}]') == want
+    assert parse_tool_calls("The ferry leaves at 14:10.") == []
+    assert parse_tool_calls('<tool_call>\n{"name": "ferry_times", "arguments": {port}}') == \
+        [{"invalid": '{"name": "ferry_times", "arguments": {port}}'}]
+
+
+def test_tool_calls_print_as_json_and_results_go_back(monkeypatch, chatml_tok):
+    chat, prompts, out = scripted_chat(monkeypatch, chatml_tok, [CALL, "At 14:10."], tools=TOOLS)
+    chat.reply("Next ferry to Kestry?")
+    assert out.getvalue() == CALL + "\n" + '{"name": "ferry_times", "arguments": {"port": "Kestry"}}\n[answer with /tool RESULT]\n'
+    assert "<tools>\n" + json.dumps(TOOLS[0]) in prompts[0]  # the schemas are in the prompt
+    with pytest.raises(InputError, match="/tool RESULT: the result is missing"):
+        chat.command("/tool")
+    chat.command('/tool {"next": "14:10"}')
+    # the next prompt: the call as a call (not as text), then the result as Qwen2.5 writes it
+    assert prompts[1].endswith("<|im_start|>assistant\n" + CALL + "<|im_end|>\n<|im_start|>user\n<tool_response>\n"
+                               '{"next": "14:10"}\n</tool_response><|im_end|>\n<|im_start|>assistant\n')
+    assert chat.messages[-1] == {"role": "assistant", "content": "At 14:10."}
+    with pytest.raises(InputError, match="no tool call waits for a result"):
+        chat.command("/tool again")
+
+
+def test_prompt_with_tools_prints_only_the_calls(monkeypatch, chatml_tok):
+    chat, _, out = scripted_chat(monkeypatch, chatml_tok, [CALL, "No call here."], tools=TOOLS, calls_only=True)
+    chat.reply("Next ferry to Kestry?")
+    chat.reply("Thanks")
+    assert out.getvalue() == '{"name": "ferry_times", "arguments": {"port": "Kestry"}}\nNo call here.\n'
+
+
+def test_qwen3_thinking_switch(monkeypatch, chatml_tok):
+    tok = copy.copy(chatml_tok)
+    tok.template, tok.default_system = "qwen3", None
+    chat, prompts, _ = scripted_chat(monkeypatch, tok, ["One.", "Two.", "Three."], enable_thinking=False)  # --no_think
+    chat.reply("Hi")
+    chat.command("/think")
+    chat.reply("Hi")
+    chat.command("/no_think")
+    chat.reply("Hi")
+    closed = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert [p.endswith(closed) for p in prompts] == [True, False, True]
+
+
+def test_think_switch_needs_qwen3(monkeypatch, chatml_tok):
+    chat, _, _ = scripted_chat(monkeypatch, chatml_tok, [])
+    with pytest.raises(InputError, match="only Qwen3's template"):
+        chat.command("/no_think")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "not valid JSON"),
+    ('{"name": "ferry_times"}', "tools must be a list of function schemas"),
+    ('[{"type": "function", "function": {"parameters": {}}}]', "tool 1 is not a function schema"),
+])
+def test_bad_tools_file_is_one_line_exit_2(tmp_path, capsys, content, message):
+    import generate as g
+    path = tmp_path / "tools.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        g.main(["--model_path", str(tmp_path / "none"), "--tools", str(path), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--tools {path}: {message}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_prompts_with_tools(tmp_path):
+    import observe
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "Next ferry?", "tools": TOOLS, "expected": "ferry_times"}) + "\n"
+                    + json.dumps({"prompt": "Capital?", "tools": TOOLS, "expected": "Saltmere"}) + "\n")
+    prompts = observe.read_prompts(path)
+    assert prompts[0]["tools"] == TOOLS
+    replies = [CALL, "Saltmere."]
+    assert observe.count_right(prompts, replies) == (2, 2)  # a tool name: the call; other text: as before
+    assert not observe.is_right(CALL.replace("ferry_times", "weather"), "ferry_times", TOOLS)
+    assert not observe.is_right(CALL.replace('{"port": "Kestry"}', '"Kestry"'), "ferry_times", TOOLS)  # not an object
+    assert not observe.is_right("ferry_times({port: Kestry})", "ferry_times", TOOLS)
+    path.write_text(json.dumps({"prompt": "x", "tools": [{"name": "f"}]}) + "\n")
+    with pytest.raises(InputError, match=r"p\.jsonl:1: tool 1 is not a function schema"):
+        observe.read_prompts(path)

@@ -43,7 +43,7 @@ def test_bundled_eval_prompts_are_read():
 @pytest.mark.parametrize("line, message", [
     ('{"question": "Hi"}', ':2: expected {"prompt": "...", "expected": "..."} with a non-empty prompt'),
     ('{"prompt": "Hi", "expected": 3}', ":2: expected must be a non-empty string (or left out)"),
-    ('{"prompt": "Hi", "answer": "x"}', ":2: unknown key 'answer' (only prompt and expected)"),
+    ('{"prompt": "Hi", "answer": "x"}', ":2: unknown key 'answer' (only prompt, expected and tools)"),
     ('{"prompt": "Hi"', ":2: not valid JSON"),
 ])
 def test_a_bad_prompt_line_is_named(tmp_path, line, message):
