@@ -162,7 +162,8 @@ def check_tool_calls(calls, where):
     for i, c in enumerate(calls, 1):
         f = c.get("function") if isinstance(c, dict) else None
         if not (isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"]):
-            raise DataError(f'{where}: tool call {i} must be {{"type": "function", "function": {{"name": ..., "arguments": {{...}}}}}}')
+            raise DataError(f'{where}: tool call {i} must be '
+                            '{"type": "function", "function": {"name": ..., "arguments": {...}}}')
         args = f.get("arguments", {})
         if isinstance(args, str):
             try:

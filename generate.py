@@ -5,15 +5,16 @@
     python generate.py --adapter_path out/lora                            # with a trained adapter
     python generate.py --adapter_path a=out/a --adapter_path b=out/b      # several, the first active
     python generate.py                                                    # interactive chat on stdin
-    python generate.py --tools data/brannock_tools.json --prompt "Next ferry to Kestry?"   # a tool call, as JSON
+    python generate.py --tools data/brannock_tools.json --adapter_path out/tools   # calls tools
     python generate.py --model_path Qwen/Qwen3-0.6B --no_think            # Qwen3 without reasoning
 
 With --prompt only the generated text goes to stdout (streamed as it arrives); timings and
 notes go to stderr. With --tools, a reply that calls tools puts only the calls on stdout, one
 JSON object per line, {"name": ..., "arguments": {...}}, for a script to act on; in the chat
-they follow the reply, and /tool RESULT gives the model each call's result. In the chat, /help lists the commands: switch adapter, the base model,
-the same prompt answered by each. Ctrl-C ends the reply in progress; at the prompt, or a
-second time, it leaves (an interrupted --prompt exits with 130, as the shell does).
+they follow the reply, and /tool RESULT gives the model each call's result. In the chat, /help
+lists the commands: switch adapter, the base model, the same prompt answered by each, thinking
+on and off (Qwen3). Ctrl-C ends the reply in progress; at the prompt, or a second time, it
+leaves (an interrupted --prompt exits with 130, as the shell does).
 """
 import argparse
 import io
@@ -263,9 +264,10 @@ class Chat:
                 else:
                     calls.append(c)
             if calls:  # the history keeps them as calls, with the ids Mistral Nemo's template wants
-                reply = {"role": "assistant", "content": text.split("<tool_call>")[0].strip() if "<tool_call>" in text else "",
-                         "tool_calls": [{"type": "function", "id": f"call{len(messages) + i:05d}",
-                                         "function": {"name": c["name"], "arguments": c["arguments"]}} for i, c in enumerate(calls)]}
+                content = text.split("<tool_call>")[0].strip() if "<tool_call>" in text else ""
+                reply = {"role": "assistant", "content": content, "tool_calls": [
+                    {"type": "function", "id": f"call{len(messages) + i:05d}",
+                     "function": {"name": c["name"], "arguments": c["arguments"]}} for i, c in enumerate(calls)]}
             lines = [json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False) for c in calls]
             if self.calls_only:
                 print("\n".join(lines) if lines else text, file=self.out)

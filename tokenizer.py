@@ -239,7 +239,8 @@ def render_chatml(add, system, messages, tools, qwen3, default_system, add_gener
     head = system if system is not None else default_system
     if tools:
         schemas = "".join("\n" + to_json(t) for t in tools)
-        add("<|im_start|>system\n" + (head + "\n\n" if head is not None else "") + CHATML_TOOLS.format(schemas) + "<|im_end|>\n")
+        head = head + "\n\n" if head is not None else ""
+        add(f"<|im_start|>system\n{head}{CHATML_TOOLS.format(schemas)}<|im_end|>\n")
     elif head is not None:
         add(f"<|im_start|>system\n{head}<|im_end|>\n")
     # Qwen3: a user turn that is only a <tool_response> block does not count as the last query
@@ -248,7 +249,8 @@ def render_chatml(add, system, messages, tools, qwen3, default_system, add_gener
     last_query = queries[-1] if queries else len(messages) - 1
     for i, m in enumerate(messages):
         if m["role"] == "tool":
-            first, last = i == 0 or messages[i - 1]["role"] != "tool", i == len(messages) - 1 or messages[i + 1]["role"] != "tool"
+            first = i == 0 or messages[i - 1]["role"] != "tool"
+            last = i == len(messages) - 1 or messages[i + 1]["role"] != "tool"
             add(("<|im_start|>user" if first else "") + f"\n<tool_response>\n{m['content']}\n</tool_response>"
                 + ("<|im_end|>\n" if last else ""))
             continue
@@ -263,8 +265,8 @@ def render_chatml(add, system, messages, tools, qwen3, default_system, add_gener
             reply = content
             if i > last_query and (i == len(messages) - 1 or reasoning):
                 reply = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
-        calls = [f'<tool_call>\n{{"name": "{c["function"]["name"]}", "arguments": {to_json(c["function"]["arguments"])}}}\n</tool_call>'
-                 for c in m.get("tool_calls") or []]
+        calls = [f'<tool_call>\n{{"name": "{f["name"]}", "arguments": {to_json(f["arguments"])}}}\n</tool_call>'
+                 for f in (c["function"] for c in m.get("tool_calls") or [])]
         if calls:
             reply += ("\n" if content else "") + "\n".join(calls)
         add("<|im_start|>assistant\n")
@@ -325,7 +327,8 @@ def render_mistral_nemo(add, bos, eos, system, messages, tools):
     for i, m in enumerate(messages):
         ids = [c.get("id") for c in m.get("tool_calls") or []] + ([m.get("tool_call_id")] if m["role"] == "tool" else [])
         if not all(isinstance(id, str) and len(id) == 9 for id in ids):
-            raise ValueError("Mistral Nemo's chat template wants a 9-character id on each tool call (id) and result (tool_call_id)")
+            raise ValueError("Mistral Nemo's chat template wants a 9-character id on each tool call (id) "
+                             "and result (tool_call_id)")
         if m["role"] == "user":
             if tools and m == last_user:
                 schemas = ", ".join('{"type": "function", "function": {' + ", ".join(

@@ -60,7 +60,8 @@ CALL1 = {"role": "assistant", "content": "", "tool_calls": [call("ferry_times", 
 RESULT1 = {"role": "tool", "tool_call_id": "c0000fery", "content": '{"next": "14:10", "pier": "Café <2> & \'B\'"}'}
 REPLY1 = {"role": "assistant", "content": "The next ferry to Kestry leaves at 14:10."}
 CALL2 = {"role": "assistant", "content": "",
-         "tool_calls": [call("weather", {"place": "Orrin"}, "c0000wthr"), call("ferry_times", {"port": "Orrin", "day": "tomorrow"}, "c0001fery")]}
+         "tool_calls": [call("weather", {"place": "Orrin"}, "c0000wthr"),
+                        call("ferry_times", {"port": "Orrin", "day": "tomorrow"}, "c0001fery")]}
 RESULTS2 = [{"role": "tool", "tool_call_id": "c0000wthr", "content": "Fog, 9 °C, wind 12 kn"},
             {"role": "tool", "tool_call_id": "c0001fery", "content": '{"first": "07:40"}'}]
 REPLY2 = {"role": "assistant", "content": "Fog in Orrin, 9 °C; the first ferry tomorrow is at 07:40."}
