@@ -40,9 +40,9 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e3
 
 # --- eval prompts and answers ----------------------------------------------------------------
 
-def read_prompts(path):
+def read_prompts(path, tokenizer=None):
     """[{"prompt": str, "expected": str or None, "tools": list or None}] from a JSONL file; bad
-    lines name file:line."""
+    lines name file:line, as do tools the tokenizer's chat template has no place for."""
     prompts = []
     for n, record in data.read_jsonl(path):
         where = f"{path}:{n}"
@@ -54,6 +54,11 @@ def read_prompts(path):
         if unknown := sorted(set(record) - {"prompt", "expected", "tools"}):
             raise data.DataError(f"{where}: unknown key {unknown[0]!r} (only prompt, expected and tools)")
         prompts.append({"prompt": record["prompt"], "expected": expected, "tools": data.check_tools(record.get("tools"), where)})
+        if prompts[-1]["tools"] and tokenizer is not None and tokenizer.template is not None:
+            try:
+                prompt_ids(tokenizer, record["prompt"], prompts[-1]["tools"])
+            except ValueError as e:
+                raise data.DataError(f"{where}: {e}") from None
     return prompts
 
 
@@ -290,7 +295,7 @@ class Observer:
 
     def __init__(self, cfg, out, tokenizer, rank=0):
         self.cfg, self.out, self.tokenizer, self.active = cfg, Path(out), tokenizer, rank == 0
-        self.prompts = read_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
+        self.prompts = read_prompts(cfg.eval_prompts, tokenizer) if cfg.eval_prompts else []
         if cfg.wandb_project:
             import_wandb()  # on every rank: a missing package stops them all, before anything is loaded
         self.wandb, self.records, self.before, self.last = None, [], None, None

@@ -347,3 +347,7 @@ def test_eval_prompts_with_tools(tmp_path):
     path.write_text(json.dumps({"prompt": "x", "tools": [{"name": "f"}]}) + "\n")
     with pytest.raises(InputError, match=r"p\.jsonl:1: tool 1 is not a function schema"):
         observe.read_prompts(path)
+    path.write_text(json.dumps({"prompt": "x", "tools": TOOLS}) + "\n")  # refused before any training starts
+    write_tiny_tokenizer(tmp_path)
+    with pytest.raises(InputError, match=r"p\.jsonl:1: the llama2 chat template has no place for tools"):
+        observe.read_prompts(path, Tokenizer(tmp_path, template="llama2"))
