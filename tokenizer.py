@@ -1,7 +1,7 @@
 """The checkpoint's tokenizer and chat template, with no transformers and no jinja2.
 
 Hugging Face checkpoints describe the chat format as a jinja template in tokenizer_config.json.
-The families we support use one of five formats, recognized by their markers (as llama.cpp
+The families we support use one of six formats, recognized by their markers (as llama.cpp
 does) and written here by hand:
 
     chatml   <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n        SmolLM2, Qwen2/2.5
@@ -9,10 +9,11 @@ does) and written here by hand:
     llama3   <|start_header_id|>user<|end_header_id|>\\n\\nHi<|eot_id|>       Llama 3.x
     llama2   <s>[INST] <<SYS>>\\n...\\n<</SYS>>\\n\\nHi [/INST]                 Llama 2, TinyLlama-chat
     mistral  <s>[INST] Hi [/INST]                                         Mistral Instruct v0.1
-    mistral_nemo  <s>[INST]Hi[/INST], tools as [AVAILABLE_TOOLS]...          Mistral Nemo (llama.cpp: v3-tekken)
+    mistral_nemo  <s>[INST]Hi[/INST]                                      Mistral Nemo (llama.cpp's v3-tekken)
 
-Tool calls, tool results and reasoning are written as each published template writes them
-(render_chat); tests/test_tokenizer.py compares every one with renderings of the published template.
+Tools, tool calls, tool results and reasoning go where each family's published template puts
+them (render_chat; none in llama2 and mistral); tests/test_tokenizer.py compares every format
+with renderings of the published templates (tests/data/).
 """
 import json
 import re
