@@ -320,6 +320,14 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = mode
         return self
 
+    def compile_blocks(self):
+        """torch.compile each block on its own, as torchtune does: blocks of one shape share the
+        compiled code, and the loop, checkpointing and the loss around them stay eager. In place
+        (Module.compile), so state_dict keys do not change."""
+        for block in self.model.layers:
+            block.compile()
+        return self
+
     def hidden(self, input_ids, position_ids=None, doc_ids=None, start=0):
         """Final hidden states (B, T, C) after the last norm.
 

@@ -197,8 +197,21 @@ def _dequantize(packed, absmax, nested_absmax, offset, out_features, in_features
     return _dequantize_bnb(q, dtype) if packed.is_cuda and HAVE_BNB else dequantize_nf4(q, dtype)
 
 
-# The NF4 matmul as a custom operator: torch.compile sees one opaque call (no graph break inside
-# a block), and autograd sees a function whose backward rebuilds W instead of keeping it, so no
+# The NF4 ops as custom operators: torch.compile sees each as one opaque call, so a block with NF4
+# weights compiles without graph breaks (and without tracing the dequantization's table lookups).
+@torch.library.custom_op("nanolora::nf4_dequantize", mutates_args=())
+def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                   offset: torch.Tensor | None, out_features: int, in_features: int, blocksize: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    return _dequantize(packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, dtype)
+
+
+@nf4_dequantize.register_fake
+def _(packed, absmax, nested_absmax, offset, out_features, in_features, blocksize, dtype):
+    return packed.new_empty((out_features, in_features), dtype=dtype)
+
+
+# The NF4 matmul: autograd sees a function whose backward rebuilds W instead of keeping it, so no
 # full-precision copy of W outlives either call (the QLoRA memory trick). W is frozen: only x
 # gets a gradient. transposed=True computes x @ W, the backward's product.
 @torch.library.custom_op("nanolora::nf4_matmul", mutates_args=())
@@ -281,7 +294,7 @@ class NF4Linear(nn.Module):
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The full (out, in) weight in `dtype` (default: compute dtype), e.g. to merge LoRA into."""
-        return _dequantize(*self.quantized(), dtype or self.compute_dtype)
+        return nf4_dequantize(*self.quantized(), dtype or self.compute_dtype)
 
     def to_linear(self) -> nn.Linear:
         """A frozen nn.Linear holding the dequantized weight (e.g. to merge an adapter into)."""

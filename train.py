@@ -86,6 +86,7 @@ class TrainConfig:
     precision: str = flag(None, "default: bf16 on CUDA, fp32 on CPU", ("bf16", "fp32"))
     loss: str = flag("fused", "plain: logits, then cross_entropy; fused: the same in chunks, no full logits "
                      "(when lm_head has no adapter)", ("fused", "plain"))
+    compile: bool = flag(False, "torch.compile each block: faster steps after the first ones, which compile")
     gradient_checkpointing: str = flag(None, "recompute blocks in backward: less memory; offload: "
                                        "their inputs wait in host memory (the longest sequences)", ("on", "offload"))
     enable_model_splitting: bool = flag(False, "spread layers over the visible GPUs (one process)")
@@ -107,7 +108,7 @@ class TrainConfig:
 
 
 # Settings that do not change what a run computes: --resume may be given new values for these.
-BOOKKEEPING = {"eval_every", "save_every", "keep_checkpoints", "log_every", "gradient_checkpointing", "output_dir",
+BOOKKEEPING = {"eval_every", "save_every", "keep_checkpoints", "log_every", "gradient_checkpointing", "compile", "output_dir",
                "resume", "eval_prompts", "wandb_project", "wandb_run_name", "fsdp_cpu_offload", "estimate_memory",
                "world_size"}
 
@@ -152,6 +153,8 @@ def parse_args(argv=None):
         p.error("--use_dora and an embed_tokens target do not work with --fsdp yet")
     if cfg.fsdp and cfg.eval_prompts:  # rank 0 generates alone, and a sharded model needs every rank
         p.error("--eval_prompts does not work with --fsdp yet: use it in a run without --fsdp")
+    if cfg.fsdp and cfg.compile:
+        p.error("--compile does not work with --fsdp yet: compiling FSDP's hooks is untested here")
     if cfg.fsdp and cfg.optimizer != "adamw":
         p.error(f"--optimizer {cfg.optimizer}: bitsandbytes' 8-bit optimizers do not take sharded parameters; use adamw with --fsdp")
     if cfg.world_size < 1:
@@ -347,6 +350,8 @@ def build_model(cfg, path, device, world, verbose):
         model.split_layers([torch.device("cuda", i) for i in range(torch.cuda.device_count())])
     apply_lora(model, verbose=verbose, **lora)
     model.enable_gradient_checkpointing(cfg.gradient_checkpointing)
+    if cfg.compile:
+        model.compile_blocks()
     return model.train()
 
 
