@@ -35,6 +35,7 @@ end-of-turn token, which llama.cpp would otherwise find by its name.
 """
 import hashlib
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -249,27 +250,37 @@ def llama3_rope_factors(c):
     return torch.where(wavelen < old / high, 1.0, torch.where(wavelen > old / low, s["factor"], mid)).float()
 
 
-def tensors(state, c, ftype):
-    """[(GGUF name, tensor as in the checkpoint, ggml type)] in llama.cpp's converter's order."""
+def ggml_type(name, shape, ftype):
+    """The ggml type of the tensor `name` (its GGUF name) in a file of type ftype, as llama.cpp's converter picks it."""
+    if len(shape) == 1 or name.endswith("_norm.weight"):
+        return TYPES["f32"]  # norms and biases stay full precision
+    if ftype == "q8_0" and shape[-1] % QK8_0:
+        return TYPES["f16"]  # rows that do not split into blocks: llama.cpp's converter falls back to F16
+    return TYPES[ftype]
+
+
+def tensors(shapes, read, c, ftype):
+    """[(GGUF name, shape, ggml type, load)] in llama.cpp's converter's order, for a checkpoint's
+    tensors {key: shape}: load() gives one as it goes in the file, read(key) with q/k rows permuted
+    for llama. Nothing is read before it is written: the export holds one tensor at a time."""
     arch, permuted = ARCHS[c.model_type]
     out = []
     if (c.rope_scaling or {}).get("rope_type") == "llama3":
-        out.append(("rope_freqs.weight", llama3_rope_factors(c), TYPES["f32"]))
-    for name in sorted(state):
-        w = state[name]
-        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = permute_qk(w, c.num_attention_heads)
-        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = permute_qk(w, c.num_key_value_heads)
-        new = gguf_name(name)
-        if w.dim() == 1 or new.endswith("_norm.weight"):
-            t = "f32"  # norms and biases stay full precision
-        elif ftype == "q8_0" and w.shape[-1] % QK8_0:
-            t = "f16"  # rows that do not split into blocks: llama.cpp's converter falls back to F16
-        else:
-            t = ftype
-        out.append((new, w, TYPES[t]))
+        factors = llama3_rope_factors(c)
+        out.append(("rope_freqs.weight", tuple(factors.shape), TYPES["f32"], lambda: factors))
+    for key in sorted(shapes):
+        heads = None
+        if permuted and key.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = c.num_attention_heads
+        elif permuted and key.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = c.num_key_value_heads
+        name = gguf_name(key)
+        out.append((name, tuple(shapes[key]), ggml_type(name, shapes[key], ftype), loader(read, key, heads)))
     return out
+
+
+def loader(read, key, heads):
+    return lambda: permute_qk(read(key), heads) if heads else read(key)
 
 
 # ---- the bytes -------------------------------------------------------------------------------
@@ -299,8 +310,8 @@ def encode(w, ggml_type):
     return quantize_q8_0(x).numpy().tobytes()
 
 
-def nbytes(w, ggml_type):
-    n = w.numel()
+def nbytes(shape, ggml_type):
+    n = math.prod(shape)
     return {0: 4 * n, 1: 2 * n, 30: 2 * n, 8: n // QK8_0 * 34}[ggml_type]
 
 
@@ -325,23 +336,30 @@ def _pad(n):
     return -n % ALIGNMENT
 
 
-def write(file, kv, tensors, chunk=1 << 24):
-    """Write a GGUF v3 file: header, key/values, tensor infos, padding, aligned tensor data."""
+def write(file, kv, tensors):
+    """Write a GGUF v3 file: header, key/values, tensor infos, padding, aligned tensor data.
+    tensors: [(name, shape, ggml type, load)], as tensors() gives them; each is loaded when written."""
     with open(file, "wb") as f:
         f.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)))
         for key, (vtype, value) in kv.items():
             f.write(_string(key) + struct.pack("<I", vtype) + _value(vtype, value))
         offset = 0
-        for name, w, ggml_type in tensors:
-            dims = list(reversed(w.shape))  # ggml: fastest-varying dimension first
+        for name, shape, ggml_type, _ in tensors:
+            dims = list(reversed(shape))  # ggml: fastest-varying dimension first
             f.write(_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, offset))
-            offset += nbytes(w, ggml_type) + _pad(nbytes(w, ggml_type))
+            offset += nbytes(shape, ggml_type) + _pad(nbytes(shape, ggml_type))
         f.write(b"\0" * _pad(f.tell()))
-        for name, w, ggml_type in tensors:
-            rows = w.reshape(-1, w.shape[-1]) if w.dim() > 1 else w.reshape(1, -1)
-            for part in rows.split(max(1, chunk // rows.shape[1])):  # a few MB at a time
-                f.write(encode(part, ggml_type))
-            f.write(b"\0" * _pad(nbytes(w, ggml_type)))
+        for _, _, ggml_type, load in tensors:
+            write_tensor(f, load(), ggml_type)
+
+
+def write_tensor(f, w, ggml_type, chunk=1 << 20):
+    """Tensor w's bytes in a ggml type, then its padding; encoded about a million weights (a few
+    MB) at a time, whole rows (a block never spans two rows), so no fp32 copy of w is ever made."""
+    rows = w.reshape(-1, w.shape[-1]) if w.dim() > 1 else w.reshape(1, -1)
+    for part in rows.split(max(1, chunk // rows.shape[1])):
+        f.write(encode(part, ggml_type))
+    f.write(b"\0" * _pad(nbytes(w.shape, ggml_type)))
 
 
 # ---- Ollama ----------------------------------------------------------------------------------

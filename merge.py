@@ -5,29 +5,42 @@
 Each targeted weight becomes W + scaling * B @ A (DoRA: m * V / ||V||_row, V = W + scaling * B @ A),
 in the base's own dtype; an adapter of the embeddings merges into the embedding table. An
 adapter trained with QLoRA is merged into the original full-precision weights read from BASE
-(not into the NF4 ones, which would bake 4-bit rounding into every weight). An adapter of an lm_head or embedding table
-that the base ties together unties them: lm_head.weight is written, and the one not adapted is kept.
+(not into the NF4 ones, which would bake 4-bit rounding into every weight). An adapter of an
+lm_head or embedding table that the base ties together unties them: lm_head.weight is written,
+and the one not adapted is kept.
 config.json (tie_word_embeddings: false then), tokenizer and generation files are copied;
 weights are written as safetensors, sharded with an index past --max_shard_size.
 --gguf TYPE also writes model-TYPE.gguf for llama.cpp and an Ollama Modelfile (gguf_export.py).
+
+Merging is a function over tensors, streamed: no model is built. Each tensor of the base is read
+alone (memory-mapped), merged with lora.lora_delta and dora.dora_weight (the math of
+LoRALayer.merge, so the bytes are those merge_lora gives) and written into its shard at once;
+the GGUF file is then written from the merged shards the same way. Memory holds a tensor or two,
+never the model: a 70B base merges with a few GB of RAM, not 140 (docs/export.md, measured by
+tests/bench_merge.py).
 """
 import argparse
 import json
 import shutil
+import struct
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import gguf_export
+from dora import DoRAEmbedding, DoRALinear, dora_weight
 from hub import resolve_checkpoint, same_checkpoint
-from lora import check_adapter_folder, load_adapter, merge_and_unload
-from model import InputError, Transformer, exit_on_input_error, weight_files, written_atomically
+from lora import PEFT_PREFIX, check_adapter_folder, lora_delta, match_adapter, read_adapter, settings_of
+from model import (CheckpointError, Config, InputError, Transformer, exit_on_input_error, weight_files,
+                   written_atomically)
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 def checkpoint_dtype(path):
@@ -36,7 +49,7 @@ def checkpoint_dtype(path):
     key = next(iter(files))
     with safe_open(path / files[key], framework="pt") as f:
         stored = f.get_slice(key).get_dtype()  # "BF16", read from the header alone
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
+    return {v: k for k, v in SAFETENSORS_DTYPES.items()}.get(stored, torch.float32)
 
 
 def parse_size(text):
@@ -46,31 +59,98 @@ def parse_size(text):
     return int(float(text[:-2]) * units[unit]) if unit in units else int(text)
 
 
-def write_safetensors(state, out, max_shard_size):
-    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
-    shards, current, size = [], {}, 0
-    for k, t in state.items():
-        n = t.numel() * t.element_size()
-        if current and size + n > max_shard_size:
+# ---- reading, one tensor at a time ---------------------------------------------------------------
+
+def read_tensor(file, key):
+    """One tensor of a safetensors file, the file opened for it alone. The file is memory-mapped and
+    unmapped again once the tensor is freed: a handle held open over a whole file would keep every
+    page it has read resident, the whole checkpoint by the end."""
+    with safe_open(file, framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def checked_base(path, model):
+    """{key: (file, shape)} of the base checkpoint in `model`'s order, after checking, as
+    Transformer.from_pretrained does, that it holds exactly the model's tensors with their shapes,
+    from the files' headers alone (model: on the meta device)."""
+    files, tied = weight_files(path), model.config.tie_word_embeddings
+    expected = {k: tuple(t.shape) for k, t in model.checkpoint_state_dict().items()}
+    found = {k for k in files if not k.endswith("rotary_emb.inv_freq")} - ({"lm_head.weight"} if tied else set())
+    for problem, keys in (("missing", expected.keys() - found), ("unexpected", found - expected.keys())):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise CheckpointError(f"{path}: {problem} tensor {min(keys)}{more}")
+    shapes = {}
+    for file in sorted({files[k] for k in expected}):
+        try:
+            with safe_open(path / file, framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k in expected})
+        except Exception as e:
+            raise CheckpointError(f"{path / file}: not a readable safetensors file ({e})") from None
+    for k, shape in expected.items():
+        if shapes[k] != shape:
+            raise CheckpointError(f"{path / files[k]}: {k} has shape {shapes[k]}, expected {shape}")
+    return {k: (path / files[k], shape) for k, shape in expected.items()}
+
+
+def merged_weight(w, tensors, scaling):
+    """What LoRALayer.merge (or DoRA's) makes of base weight w (fp32) with one layer's adapter
+    tensors {PEFT key suffix: tensor}: W + scaling * B @ A, or m * V / ||V|| when there is a magnitude."""
+    v = w + lora_delta(tensors, scaling)
+    if "lora_magnitude_vector" not in tensors:
+        return v
+    norm_dim = (DoRAEmbedding if "lora_embedding_A" in tensors else DoRALinear).norm_dim
+    return dora_weight(v, tensors["lora_magnitude_vector"], norm_dim)[0]
+
+
+# ---- writing, one tensor at a time ---------------------------------------------------------------
+
+def write_safetensors(shapes, dtype, tensor, out, max_shard_size):
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json, for
+    {key: shape} (in checkpoint order, all of `dtype`); tensor(key) gives each when its turn comes.
+    A shard ends before the tensor that would take it past max_shard_size bytes."""
+    size = lambda k: torch.Size(shapes[k]).numel() * dtype.itemsize  # noqa: E731
+    shards, current, total = [], [], 0
+    for k in shapes:
+        if current and total + size(k) > max_shard_size:
             shards.append(current)
-            current, size = {}, 0
-        current[k], size = t.contiguous(), size + n
+            current, total = [], 0
+        current.append(k)
+        total += size(k)
     shards.append(current)
     if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        write_shard(out / "model.safetensors", {k: shapes[k] for k in shards[0]}, dtype, tensor)
         return
     weight_map = {}
-    for i, shard in enumerate(tqdm(shards, desc="writing shards", leave=False)):
+    for i, keys in enumerate(tqdm(shards, desc="writing shards", leave=False)):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        write_shard(out / name, {k: shapes[k] for k in keys}, dtype, tensor)
+        weight_map.update(dict.fromkeys(keys, name))
+    index = {"metadata": {"total_size": sum(map(size, shapes))}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+def write_shard(file, shapes, dtype, tensor):
+    """One safetensors file, byte for byte what safetensors' save_file writes for these tensors
+    (tests/test_workflow.py), a tensor at a time: u64 header length, the JSON header (metadata,
+    then each tensor's dtype, shape and byte range, by name), padded with spaces to 8 bytes, then
+    the tensors' bytes in the header's order."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for k in sorted(shapes):  # save_file's order (by dtype, then name): here one dtype
+        n = torch.Size(shapes[k]).numel() * dtype.itemsize
+        header[k] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shapes[k]), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for k in sorted(shapes):
+            t = tensor(k)
+            assert t.dtype == dtype and tuple(t.shape) == tuple(shapes[k]), k
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
+
+# ---- the merge -----------------------------------------------------------------------------------
 
 def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 10**9, dtype=None, gguf=None):
     out = Path(output_dir)
@@ -85,44 +165,73 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
     if gguf:
         gguf_kv = gguf_export.metadata(path, gguf)  # an unsupported family fails here, before any work
     dtype = dtype or checkpoint_dtype(path)
-    model = Transformer.from_pretrained(path, dtype=dtype)
-    tied = model.config.tie_word_embeddings
-    config = load_adapter(model, adapter_path)  # refuses an adapter whose layers do not fit this base
-    if (base := config.get("base_model_name_or_path")) and not same_checkpoint(base, model_path):
-        print(f"merge.py: warning: {adapter_path} was trained on {base}, not on {model_path} "
+    config = Config.from_json(path / "config.json")
+    with torch.device("meta"):
+        model = Transformer(config)  # the names and shapes to check against: no memory
+    base = checked_base(path, model)
+    tied = config.tie_word_embeddings
+
+    def read_base(key):  # in the stored dtype; a tied lm_head.weight is the embedding table
+        key = "model.embed_tokens.weight" if tied and key == "lm_head.weight" else key
+        return read_tensor(base[key][0], key)
+
+    adapter_config, saved = read_adapter(adapter_path)
+    for key in saved:  # PEFT saves a base table beside an adapter of it: checked against the real one
+        if key.endswith(".base_layer.weight"):
+            name = key.removeprefix(PEFT_PREFIX).removesuffix(".base_layer.weight")
+            model.get_submodule(name).weight = nn.Parameter(read_base(name + ".weight").to(dtype), requires_grad=False)
+    layers = match_adapter(model, adapter_path, adapter_config, saved)  # refuses an adapter that does not fit this base
+    if (trained_on := adapter_config.get("base_model_name_or_path")) and not same_checkpoint(trained_on, model_path):
+        print(f"merge.py: warning: {adapter_path} was trained on {trained_on}, not on {model_path} "
               "(fine if it is the same model at another path)", file=sys.stderr)
-    merge_and_unload(model)  # unties lm_head from the embeddings if the adapter changes it
-    state = model.checkpoint_state_dict()
+    shapes = {k: shape for k, (_, shape) in base.items()}
+    untie = tied and bool({"lm_head", "model.embed_tokens"} & layers.keys())
+    if untie:  # lm_head gets its own copy of the table (as merge_lora's untie_lm_head), the last key
+        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
+    scaling = settings_of(adapter_config).scaling
+
+    def tensor(key):  # as merge_lora computes it: the base weight in dtype, merged in fp32, rounded once
+        w = read_base(key).to(dtype)
+        if key.endswith(".weight") and (name := key.removesuffix(".weight")) in layers:
+            w = merged_weight(w.float(), layers[name], scaling).to(dtype)
+        return w
+
     # Write everything into a sibling folder, then swap it in: a failure never leaves half a checkpoint.
     with written_atomically(out) as tmp:
         tmp.mkdir(parents=True)
-        write_safetensors(state, tmp, max_shard_size)
+        write_safetensors(shapes, dtype, tensor, tmp, max_shard_size)
         for name in COPIED:
             if (path / name).exists():
                 shutil.copy2(path / name, tmp / name)
-        if tied and not model.config.tie_word_embeddings:
-            config = {**json.loads((path / "config.json").read_text()), "tie_word_embeddings": False}
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if untie:
+            raw = {**json.loads((path / "config.json").read_text()), "tie_word_embeddings": False}
+            (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
             print("the merged checkpoint has its own lm_head.weight: config.json says tie_word_embeddings: false")
-        if gguf:
+        if gguf:  # from the merged shards just written, a tensor at a time
+            merged = weight_files(tmp)
+            entries = gguf_export.tensors(shapes, lambda key: read_tensor(tmp / merged[key], key), config, gguf)
             name = f"model-{gguf}.gguf"
-            gguf_export.write(tmp / name, gguf_kv, gguf_export.tensors(state, model.config, gguf))
+            gguf_export.write(tmp / name, gguf_kv, entries)
             (tmp / "Modelfile").write_text(gguf_export.modelfile(name, path))
-            print(f"{out / name} written for llama.cpp; {out / 'Modelfile'} for Ollama: ollama create NAME -f {out / 'Modelfile'}")
-    n = sum(1 for k in state if k.endswith(".weight"))
+            print(f"{out / name} written for llama.cpp; {out / 'Modelfile'} for Ollama: "
+                  f"ollama create NAME -f {out / 'Modelfile'}")
+    n = sum(1 for k in shapes if k.endswith(".weight"))
     print(f"merged {adapter_path} into {path}: {n} tensors ({dtype}) written to {out}")
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", required=True, help="the base checkpoint folder or hub id the adapter was trained on")
+    p.add_argument("--model_path", required=True,
+                   help="the base checkpoint folder or hub id the adapter was trained on")
     p.add_argument("--adapter_path", required=True, help="the adapter folder (PEFT format)")
     p.add_argument("--output_dir", required=True, help="where the merged checkpoint goes")
     p.add_argument("--force", action="store_true", help="replace a non-empty --output_dir")
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the merged weights (default: the base's)")
-    p.add_argument("--gguf", choices=gguf_export.TYPES, help="also write model-TYPE.gguf (llama.cpp, Ollama, LM Studio) and an Ollama Modelfile")
-    p.add_argument("--max_shard_size", default="5GB", type=parse_size, help="largest safetensors file before sharding (default: %(default)s)")
+    p.add_argument("--gguf", choices=gguf_export.TYPES,
+                   help="also write model-TYPE.gguf (llama.cpp, Ollama, LM Studio) and an Ollama Modelfile")
+    p.add_argument("--max_shard_size", default="5GB", type=parse_size,
+                   help="largest safetensors file before sharding (default: %(default)s)")
     args = p.parse_args(argv)
     with exit_on_input_error("merge.py"):
         merge(args.model_path, args.adapter_path, args.output_dir, args.force, args.max_shard_size,

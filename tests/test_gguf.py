@@ -47,6 +47,11 @@ def as_recorded(kv):
     return out
 
 
+def entries(state, config, ftype):
+    """gguf_export.tensors for tensors held in memory ({key: tensor})."""
+    return gguf_export.tensors({k: t.shape for k, t in state.items()}, state.__getitem__, config, ftype)
+
+
 def compared(kv):
     """Every key but the converter's naming (general.name, ...) and the one key we add."""
     return {k: v for k, v in kv.items() if k not in REF["not_compared"] and k != "tokenizer.ggml.eot_token_id"}
@@ -70,13 +75,13 @@ def test_smollm2_is_what_llama_cpp_converter_writes(smollm2_state, ftype):
     assert compared(kv) == expected  # same keys, types and values (tokens, merges: length and hash)
     assert list(compared(kv)) == list(expected)  # in the same order
     assert kv["tokenizer.ggml.eot_token_id"] == ["UINT32", 2]  # <|im_end|>, the key llama.cpp infers by name
-    tensors = gguf_export.tensors(smollm2_state, Config.from_json(SMOLLM2 / "config.json"), ftype)
-    infos = [f"{name} {'x'.join(map(str, reversed(w.shape)))}" for name, w, _ in tensors]
+    tensors = entries(smollm2_state, Config.from_json(SMOLLM2 / "config.json"), ftype)
+    infos = [f"{name} {'x'.join(map(str, reversed(shape)))}" for name, shape, _, _ in tensors]
     assert infos == ref["tensors"]
-    assert " ".join(gguf.GGMLQuantizationType(t).name for _, _, t in tensors) == ref["types"][ftype]
+    assert " ".join(gguf.GGMLQuantizationType(t).name for _, _, t, _ in tensors) == ref["types"][ftype]
     data = hashlib.sha256()
-    for _, w, t in tensors:
-        data.update(gguf_export.encode(w, t))
+    for _, _, t, load in tensors:
+        data.update(gguf_export.encode(load(), t))
     assert data.hexdigest() == ref["data_sha256"][ftype]  # every byte of every tensor
 
 
@@ -132,7 +137,7 @@ def test_tensors_read_back_equal_the_weights(tiny, tmp_path, model_type, name, f
         {**ref["keys"], "general.file_type": ["UINT32", gguf_export.FILE_TYPES[ftype]]}
     # the tokenizer's keys (SmolLM2's, checked above) would make the read-back slow: leave them out
     kv = {k: v for k, v in kv.items() if not k.startswith("tokenizer.")}
-    gguf_export.write(tmp_path / "m.gguf", kv, gguf_export.tensors(state, config, ftype))
+    gguf_export.write(tmp_path / "m.gguf", kv, entries(state, config, ftype))
     r = gguf.GGUFReader(tmp_path / "m.gguf")
     assert r.alignment == 32 and r.fields["GGUF.version"].contents() == 3
     assert {k: (f.types[0], f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")} == \
@@ -160,6 +165,23 @@ def test_tensors_read_back_equal_the_weights(tiny, tmp_path, model_type, name, f
         cast = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.tensor_type.name]
         assert torch.equal(got, w.to(cast).float()), gname
         assert t.tensor_type.name == ("F32" if w.dim() == 1 else ftype.upper()), gname
+
+
+@pytest.mark.parametrize("name", ["tiny-llama3", "tiny-qwen2"])  # q/k permuted; tied, untied by the adapter
+def test_merge_gguf_streams_the_file_of_the_merged_tensors(tiny, tmp_path, name):
+    # merge.py --gguf q8_0 writes its GGUF a tensor at a time from the merged shards it has just
+    # written: byte for byte the file gguf_export.write makes from those tensors held in memory
+    from test_workflow import random_adapter
+
+    path, _ = tiny[name]
+    adapter = random_adapter(path, tmp_path / "adapter", target_modules=["embed_tokens", "q_proj", "k_proj", "down_proj"])
+    out = merge.merge(path, adapter, tmp_path / "merged", gguf="q8_0", max_shard_size=4_000_000)
+    merged = {}
+    for file in sorted(out.glob("model-*.safetensors")):
+        merged.update(load_file(file))
+    gguf_export.write(tmp_path / "expected.gguf", gguf_export.metadata(path, "q8_0"),
+                      entries(merged, Config.from_json(out / "config.json"), "q8_0"))
+    assert (out / "model-q8_0.gguf").read_bytes() == (tmp_path / "expected.gguf").read_bytes()
 
 
 def test_unsupported_families_are_one_line_errors(tiny_checkpoint, smollm2, tmp_path):

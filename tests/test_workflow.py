@@ -10,8 +10,8 @@ from safetensors import safe_open
 import train
 from conftest import ROOT, chat, tiny_config, write_jsonl
 from generate import load
-from lora import load_adapter
-from merge import merge
+from lora import apply_lora, load_adapter, lora_layers, merge_and_unload, save_adapter
+from merge import checkpoint_dtype, merge
 from model import InputError, Transformer
 from test_model import write_checkpoint
 
@@ -123,3 +123,63 @@ def test_adapter_of_a_tied_lm_head_merges_untied(tmp_path, capsys):
         transformers = pytest.importorskip("transformers", reason="transformers reads the merged folder")
         hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         assert (hf(ids).logits - expected).abs().max() < 1e-4
+
+
+def merged_in_a_model(base, adapter, dtype=None):
+    """The reference merge.py streams: the base as a model, the adapter merged into it
+    (merge_and_unload), its tensors as a Hugging Face checkpoint stores them."""
+    model = Transformer.from_pretrained(base, dtype=dtype or checkpoint_dtype(base))
+    load_adapter(model, adapter)
+    return merge_and_unload(model).checkpoint_state_dict()
+
+
+def random_adapter(base, path, **settings):
+    """An adapter of the base with every tensor away from its start (B, DoRA's m, the embeddings' A)."""
+    model = Transformer.from_pretrained(base)
+    apply_lora(model, r=4, alpha=8, verbose=False, **settings)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for t in layer.adapter_tensors("default").values():
+                t.add_(0.05 * torch.randn_like(t)).mul_(1 + 0.1 * torch.randn_like(t))
+    save_adapter(model, path)
+    return path
+
+
+STREAMED = {  # base config, base dtype, base shards, adapter settings, merge.py flags
+    "lora": ({}, torch.float32, 1, dict(target_modules="all-linear"), {}),
+    "lora, bf16 base merged in fp32": ({}, torch.bfloat16, 1, dict(target_modules="all-linear"), dict(dtype=torch.float32)),
+    "rslora, tied lm_head, sharded": (dict(tie_word_embeddings=True), torch.float32, 3,
+                                      dict(target_modules=["lm_head", "q_proj"], use_rslora=True), dict(max_shard_size=50_000)),
+    "dora, embeddings": (dict(tie_word_embeddings=True), torch.float32, 1,
+                         dict(target_modules=["embed_tokens", "o_proj", "lm_head"], use_dora=True), {}),
+}
+
+
+@pytest.mark.parametrize("case", STREAMED)
+def test_merge_streams_the_bytes_of_merging_in_a_model(tmp_path, case):
+    # merge.py reads, merges and writes a tensor at a time; each file it writes is byte for byte
+    # what safetensors' save_file writes for the reference's tensors (the whole state, or each
+    # shard's keys), and the shards split where the state's sizes say
+    from safetensors.torch import save
+
+    config, dtype, shards, settings, flags = STREAMED[case]
+    write_checkpoint(tmp_path / "base", Transformer(tiny_config(**config)).to(dtype), shards=shards)
+    adapter = random_adapter(tmp_path / "base", tmp_path / "adapter", **settings)
+    out = merge(tmp_path / "base", adapter, tmp_path / "merged", **flags)
+    expected = merged_in_a_model(tmp_path / "base", adapter, flags.get("dtype"))
+    if "max_shard_size" not in flags:
+        assert (out / "model.safetensors").read_bytes() == save(expected, metadata={"format": "pt"})
+        return
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert list(index["weight_map"]) == list(expected)  # every tensor, in the state's order
+    files = list(dict.fromkeys(index["weight_map"].values()))
+    assert len(files) > 2
+    nbytes = lambda keys: sum(expected[k].numel() * expected[k].element_size() for k in keys)  # noqa: E731
+    for i, file in enumerate(files):
+        keys = [k for k, f in index["weight_map"].items() if f == file]
+        assert (out / file).read_bytes() == save({k: expected[k] for k in keys}, metadata={"format": "pt"})
+        assert nbytes(keys) <= flags["max_shard_size"] or len(keys) == 1
+        if i + 1 < len(files):  # a shard ends where the next tensor would not fit
+            first_next = next(k for k, f in index["weight_map"].items() if f == files[i + 1])
+            assert nbytes(keys + [first_next]) > flags["max_shard_size"]
+    assert index["metadata"]["total_size"] == nbytes(expected)
