@@ -35,10 +35,11 @@ class Magnitude:
     1 for a linear weight's rows (out, in), 0 for an embedding table's columns (vocab, dim)."""
     norm_dim = 1
 
-    def __init__(self, base):
+    def __init__(self, base, settings=None):
         super().__init__(base)
         self.lora_magnitude_vector = nn.ParameterDict()  # adapter name -> m: (out,), or (dim,)
         self.merged_norm = None  # the norms of the merged adapter's V, to unmerge with
+        self.begin(settings)
 
     @classmethod
     def from_lora(cls, layer):
@@ -46,7 +47,7 @@ class Magnitude:
         dora = cls(layer.base)
         for name, child in layer.named_children():  # base, and lora_A/B/dropout or lora_embedding_A/B
             setattr(dora, name, child)
-        dora.settings, dora.scaling = layer.settings, layer.scaling
+        dora.settings = layer.settings
         dora.active, dora.disabled = layer.active, layer.disabled
         return dora
 
@@ -96,7 +97,7 @@ class DoRALinear(Magnitude, LoRALinear):
         name = self.active
         if name not in self.lora_magnitude_vector or self.disabled or self.merged:
             return super().forward(x)
-        s, dropout = self.scaling[name], self.lora_dropout[name]
+        s, dropout = self.settings[name].scaling, self.lora_dropout[name]
         # in the input's dtype from the fp32 weights, as LoRALinear's update
         A, B = (w.to(x.dtype) for w in (self.lora_A[name].weight, self.lora_B[name].weight))
         g = (self.lora_magnitude_vector[name] / self.weight_norm(name, x.dtype)).to(x.dtype)  # m / ||V||, (out,)
@@ -141,5 +142,5 @@ class DoRAEmbedding(Magnitude, LoRAEmbedding):
         y = self.base(ids)  # (B, T, dim)
         A, B = (w.to(y.dtype) for w in (self.lora_embedding_A[name], self.lora_embedding_B[name]))  # as DoRALinear
         g = (self.lora_magnitude_vector[name] / self.weight_norm(name, y.dtype)).to(y.dtype)  # (dim,)
-        update = F.embedding(ids, A.T) @ B.T * self.scaling[name]
+        update = F.embedding(ids, A.T) @ B.T * self.settings[name].scaling
         return g * (y + update)

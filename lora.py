@@ -66,12 +66,15 @@ class AdapterSettings:
 class LoRALayer(nn.Module):
     """What every adapted layer shares: a frozen `base` layer and named adapters, each with its
     AdapterSettings. One adapter is `active`; `disabled` skips adapters; `merged` names the
-    adapter folded into the base weight. Subclasses say what an adapter computes."""
+    adapter folded into the base weight. Subclasses say what an adapter computes.
+
+    Built with settings, a layer starts with one adapter, "default", active: one call gives a
+    working layer, LoRALinear(base, AdapterSettings(r=8, alpha=16))."""
 
     def __init__(self, base):
         super().__init__()
         self.base = base
-        self.settings, self.scaling = {}, {}  # adapter name -> AdapterSettings, and its scaling
+        self.settings = {}  # adapter name -> AdapterSettings
         self.active, self.disabled, self.merged = None, False, None
         self.merged_into_nf4 = False  # the base was dequantized to merge: unmerging can't restore NF4
 
@@ -80,8 +83,14 @@ class LoRALayer(nn.Module):
         """The base layer's weight (a tied lm_head and the embeddings share it); NF4 layers have none."""
         return self.base.weight
 
-    def add_adapter(self, name, settings, dtype=torch.float32):
-        self.settings[name], self.scaling[name] = settings, settings.scaling
+    def begin(self, settings):
+        """The end of a subclass's __init__: the "default" adapter, active, when settings are given."""
+        if settings is not None:
+            self.add_adapter("default", settings)
+            self.active = "default"
+
+    def add_adapter(self, name, settings):
+        self.settings[name] = settings
 
     def adapter_tensors(self, name):
         """{PEFT key suffix: parameter} of adapter `name`; save_adapter writes them, load copies into them."""
@@ -89,7 +98,7 @@ class LoRALayer(nn.Module):
 
     def delta_weight(self, name):
         """The update adapter `name` makes to the base weight, the weight's shape, in fp32."""
-        return lora_delta(self.adapter_tensors(name), self.scaling[name])
+        return lora_delta(self.adapter_tensors(name), self.settings[name].scaling)
 
     def merged_weight(self, w, name):  # w: the base weight in fp32
         return w + self.delta_weight(name)
@@ -120,13 +129,14 @@ class LoRALinear(LoRALayer):
     """A frozen linear layer (nn.Linear, or quant.NF4Linear for QLoRA) plus adapters, each
     lora_A[name] (r, in) and lora_B[name] (out, r)."""
 
-    def __init__(self, base):
+    def __init__(self, base, settings=None):
         super().__init__(base)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.begin(settings)
 
     def add_adapter(self, name, settings, dtype=torch.float32):
-        super().add_adapter(name, settings, dtype)
+        super().add_adapter(name, settings)
         r, device = settings.r, device_of(self.base)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
@@ -149,10 +159,10 @@ class LoRALinear(LoRALayer):
         # In the input's dtype from the fp32 weights, as autocast computes: the casts are adapter-sized,
         # autograd keeps nothing activation-sized in fp32, and the gradients reach A and B in fp32.
         A, B = (w.to(x.dtype) for w in (self.lora_A[name].weight, self.lora_B[name].weight))
+        s = self.settings[name].scaling
         xa = F.linear(self.lora_dropout[name](x), A)  # (..., in) -> (..., r)
         # y + s * xa B^T as one matmul-and-add: no (..., out)-sized temporaries besides the result
-        return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.T,
-                           alpha=self.scaling[name]).view(y.shape)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), B.T, alpha=s).view(y.shape)
 
 
 class LoRAEmbedding(LoRALayer):
@@ -161,12 +171,13 @@ class LoRAEmbedding(LoRALayer):
     No dropout (a dropped token id means nothing). A starts at zero and B random (the other way
     round from linear layers, as in PEFT): the update starts at zero all the same."""
 
-    def __init__(self, base):
+    def __init__(self, base, settings=None):
         super().__init__(base)
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
+        self.begin(settings)
 
     def add_adapter(self, name, settings, dtype=torch.float32):
-        super().add_adapter(name, settings, dtype)
+        super().add_adapter(name, settings)
         vocab, dim = self.base.weight.shape
         device = self.base.weight.device
         self.lora_embedding_A[name] = nn.Parameter(torch.zeros(settings.r, vocab, device=device, dtype=dtype))
@@ -182,7 +193,7 @@ class LoRAEmbedding(LoRALayer):
             return y
         A, B = (w.to(y.dtype) for w in (self.lora_embedding_A[name], self.lora_embedding_B[name]))  # as LoRALinear
         xa = F.embedding(ids, A.T)  # row ids of A^T (vocab, r): (B, T, r)
-        return y + xa @ B.T * self.scaling[name]
+        return y + xa @ B.T * self.settings[name].scaling
 
 
 def base_weight(layer):

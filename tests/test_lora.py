@@ -81,7 +81,7 @@ def test_rslora_scaling():
     for use_rslora, expected in ((False, 16 / 4), (True, 16 / 2)):
         model = tiny()
         apply_lora(model, r=4, alpha=16, use_rslora=use_rslora, verbose=False)
-        assert {m.scaling["default"] for _, m in lora_layers(model)} == {expected}
+        assert {m.settings["default"].scaling for _, m in lora_layers(model)} == {expected}
 
 
 def test_only_A_and_B_train():
