@@ -101,10 +101,41 @@ class TrainConfig:
     keep_checkpoints: int = flag(1, "how many of the newest checkpoints to keep; 0: all")
     log_every: int = flag(1, "steps between lines of metrics.jsonl")
     resume: bool = flag(False, "continue the run in output_dir, with its own settings")
-    eval_prompts: str = flag(None, 'JSONL of {"prompt", "expected"}: greedy answers at each evaluation into '
-                             "samples.jsonl, a before/after table at the end")
+    eval_prompts: str = flag(None, 'JSONL of {"prompt", "expected"} (and "tools": expected may be a tool name): '
+                             "greedy answers at each evaluation into samples.jsonl, a before/after table at the end")
     wandb_project: str = flag(None, "also log metrics.jsonl's records to this Weights & Biases project (pip install wandb)")
     wandb_run_name: str = flag(None, "the run's name on Weights & Biases (None: one it makes up)")
+
+
+    def problem(self):
+        """What is wrong with these settings, as argparse says it ("--flag must be ..."), or None."""
+        bounds = [("lora_r", self.lora_r > 0, "must be positive"),
+                  ("micro_batch_size", self.micro_batch_size > 0, "must be positive"),
+                  ("max_seq_len", self.max_seq_len > 1, "must be at least 2"),
+                  ("learning_rate", self.learning_rate > 0, "must be positive"),
+                  ("eval_split", 0 <= self.eval_split < 1, "must be in [0, 1)"),
+                  ("lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)"),
+                  ("num_epochs", self.num_epochs > 0 or self.max_steps > 0, "must be positive"),
+                  ("world_size", self.world_size > 0, "must be positive")]
+        for name, ok, what in bounds:
+            if not ok:
+                return f"--{name} {what}"
+        fsdp = "do not work with --fsdp yet"
+        exclusions = [
+            (self.eval_data_path and self.eval_split, "--eval_data_path and --eval_split exclude each other"),
+            (self.fsdp and self.enable_model_splitting,
+             "--fsdp and --enable_model_splitting exclude each other (FSDP spreads the model over processes)"),
+            (self.fsdp_cpu_offload and not self.fsdp, "--fsdp_cpu_offload needs --fsdp"),
+            # both start from the frozen weight (DoRA's magnitude is its row norms), which --fsdp
+            # reads only after the adapters are made
+            (self.fsdp and (self.use_dora or "embed_tokens" in self.target_modules),
+             f"--use_dora and an embed_tokens target {fsdp}"),
+            # rank 0 generates alone, and a sharded model needs every rank
+            (self.fsdp and self.eval_prompts, f"--eval_prompts {fsdp}: use it in a run without --fsdp"),
+            (self.fsdp and self.compile, f"--compile and --fsdp {fsdp}: compiling FSDP's hooks is untested here"),
+            (self.fsdp and self.optimizer != "adamw", f"--optimizer {self.optimizer}: bitsandbytes' 8-bit optimizers "
+             "do not take sharded parameters; use adamw with --fsdp")]
+        return next((what for bad, what in exclusions if bad), None)
 
 
 # Settings that do not change what a run computes: --resume may be given new values for these.
@@ -131,34 +162,8 @@ def parse_args(argv=None):
     given = vars(p.parse_args(argv))
     saved = read_run_config(Path(given.get("output_dir", TrainConfig.output_dir))) if given.get("resume") else {}
     cfg = TrainConfig(**{**saved, **given})
-    checks = [("lora_r", cfg.lora_r > 0, "must be positive"),
-              ("micro_batch_size", cfg.micro_batch_size > 0, "must be positive"),
-              ("max_seq_len", cfg.max_seq_len > 1, "must be at least 2"),
-              ("learning_rate", cfg.learning_rate > 0, "must be positive"),
-              ("eval_split", 0 <= cfg.eval_split < 1, "must be in [0, 1)"),
-              ("lora_dropout", 0 <= cfg.lora_dropout < 1, "must be in [0, 1)"),
-              ("num_epochs", cfg.num_epochs > 0 or cfg.max_steps > 0, "must be positive")]
-    for name, ok, what in checks:
-        if not ok:
-            p.error(f"--{name} {what}")
-    if cfg.eval_data_path and cfg.eval_split:
-        p.error("--eval_data_path and --eval_split exclude each other")
-    if cfg.fsdp and cfg.enable_model_splitting:
-        p.error("--fsdp and --enable_model_splitting exclude each other (FSDP spreads the model over processes)")
-    if cfg.fsdp_cpu_offload and not cfg.fsdp:
-        p.error("--fsdp_cpu_offload needs --fsdp")
-    if cfg.fsdp and (cfg.use_dora or "embed_tokens" in cfg.target_modules):
-        # both start from the frozen weight (DoRA's magnitude is its row norms), which --fsdp reads
-        # only after the adapters are made
-        p.error("--use_dora and an embed_tokens target do not work with --fsdp yet")
-    if cfg.fsdp and cfg.eval_prompts:  # rank 0 generates alone, and a sharded model needs every rank
-        p.error("--eval_prompts does not work with --fsdp yet: use it in a run without --fsdp")
-    if cfg.fsdp and cfg.compile:
-        p.error("--compile does not work with --fsdp yet: compiling FSDP's hooks is untested here")
-    if cfg.fsdp and cfg.optimizer != "adamw":
-        p.error(f"--optimizer {cfg.optimizer}: bitsandbytes' 8-bit optimizers do not take sharded parameters; use adamw with --fsdp")
-    if cfg.world_size < 1:
-        p.error("--world_size must be positive")
+    if problem := cfg.problem():
+        p.error(problem)
     return cfg
 
 
@@ -288,11 +293,8 @@ def all_sum(x, world):
     return x
 
 
-def check_output_dir(cfg, out, world, say):
+def check_output_dir(cfg, out, say):
     """The checkpoint to resume from (or None); an earlier run is never overwritten."""
-    if cfg.effective_batch_size % (cfg.micro_batch_size * world):
-        raise InputError(f"--effective_batch_size {cfg.effective_batch_size} is not a multiple of "
-                         f"--micro_batch_size {cfg.micro_batch_size} x {world} processes")
     if not cfg.resume:
         if latest_checkpoint(out) is not None or (out / "adapter_config.json").exists():
             raise InputError(f"{out} holds an earlier run: pass --resume to continue it, "
@@ -374,6 +376,10 @@ def start_output(out, cfg, step):
     cut_back(out / "metrics.jsonl", step)
 
 
+class Diverged(Exception):
+    """The loss became inf or NaN: not bad input, but the run cannot go on; main says so in one line, exit 1."""
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM stopped the run after saving a checkpoint; main exits 128 + signal."""
 
@@ -411,7 +417,10 @@ def train(cfg, rank=0, world=1, device="cpu"):
     say = tqdm.write if rank == 0 else (lambda text: None)  # tqdm.write: printed above the progress bar
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
-    resume_from = check_output_dir(cfg, out, world, say)
+    if cfg.effective_batch_size % (cfg.micro_batch_size * world):  # each process gets whole micro batches
+        raise InputError(f"--effective_batch_size {cfg.effective_batch_size} is not a multiple of "
+                         f"--micro_batch_size {cfg.micro_batch_size} x {world} processes")
+    resume_from = check_output_dir(cfg, out, say)
     check_data_paths(cfg)  # before the model is found, which may mean a download
 
     # data first: a bad file fails here, before the model is loaded or anything written
@@ -462,7 +471,7 @@ def train(cfg, rank=0, world=1, device="cpu"):
             # the step's one synchronization: the host waits for the GPU here, and only here
             loss, grad_norm = torch.stack([loss, grad_norm.to(loss.device)]).tolist()
             if not math.isfinite(loss):
-                raise InputError(f"loss is {loss} at step {step}: lower --learning_rate, or use --precision fp32")
+                raise Diverged(f"loss is {loss} at step {step}: lower --learning_rate, or use --precision fp32")
 
             # log: loss per trained token, learning rate, gradient norm, speed; and whether a
             # Ctrl-C / SIGTERM reached any rank (summed over ranks on the host)
@@ -534,6 +543,9 @@ def main(argv=None):
         if rank == 0:
             print(f"train.py: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    except Diverged as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("train.py: interrupted, nothing saved", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
