@@ -19,6 +19,9 @@ The format, GGUF version 3, little-endian, written top to bottom by `write`:
 
 Tensor types written: F32 (norms, biases, rope factors), F16, BF16, and Q8_0: blocks of 32
 weights along a row, each an fp16 scale d = max|x| / 127 and 32 int8 round(x / d) (34 bytes).
+q4_k_m, q5_k_m and q6_k files hold the k-quants of kquants.py, with the type llama-quantize
+gives each tensor, in its order; equal byte for byte to llama-quantize run on our bf16 (f32, f16:
+the checkpoint's own dtype) file.
 
 What goes in, as llama.cpp's converter writes it for these families:
 - architecture "llama" (Llama 3.x, SmolLM2), "qwen2" or "qwen3"; tensors renamed (token_embd,
@@ -42,6 +45,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
+import kquants
 from model import CheckpointError, Config
 from tokenizer import Tokenizer, _content
 
@@ -52,7 +56,7 @@ ARCHS = {
     "qwen3": ("qwen3", False),
 }
 TYPES = {"f16": 1, "bf16": 30, "q8_0": 8, "f32": 0}  # ggml tensor types
-FILE_TYPES = {"f16": 1, "bf16": 32, "q8_0": 7, "f32": 0}  # general.file_type (llama_ftype)
+FILE_TYPES = {"f16": 1, "bf16": 32, "q8_0": 7, "f32": 0, **kquants.FILE_TYPES}  # general.file_type (llama_ftype)
 ALIGNMENT = 32
 QK8_0 = 32  # weights per Q8_0 block
 
@@ -209,7 +213,10 @@ def metadata(path, ftype):
         kv[n + "vocab_size"] = (UINT32, c.vocab_size)
         kv[n + "rope.dimension_count"] = (UINT32, c.head_dim)
     kv["general.quantization_version"] = (UINT32, 2)
-    return {**kv, **tokenizer_kv(path, c.vocab_size, arch)}
+    kv = {**kv, **tokenizer_kv(path, c.vocab_size, arch)}
+    if ftype in kquants.FILE_TYPES:  # llama-quantize copies the keys, then sets these two last
+        kv |= {k: kv.pop(k) for k in ("general.quantization_version", "general.file_type")}
+    return kv
 
 
 # ---- what goes in: tensors -------------------------------------------------------------------
@@ -250,19 +257,23 @@ def llama3_rope_factors(c):
     return torch.where(wavelen < old / high, 1.0, torch.where(wavelen > old / low, s["factor"], mid)).float()
 
 
-def ggml_type(name, shape, ftype):
-    """The ggml type of the tensor `name` (its GGUF name) in a file of type ftype, as llama.cpp's converter picks it."""
+def ggml_type(name, shape, ftype, c, tied):
+    """The ggml type of the tensor `name` (its GGUF name) in a file of type ftype, as llama.cpp's
+    converter picks it (for the k-quant types: as llama-quantize does, kquants.tensor_type)."""
     if len(shape) == 1 or name.endswith("_norm.weight"):
         return TYPES["f32"]  # norms and biases stay full precision
+    if ftype in kquants.FILE_TYPES:
+        return kquants.tensor_type(name, shape[-1], ftype, c, tied)
     if ftype == "q8_0" and shape[-1] % QK8_0:
         return TYPES["f16"]  # rows that do not split into blocks: llama.cpp's converter falls back to F16
     return TYPES[ftype]
 
 
 def tensors(shapes, read, c, ftype):
-    """[(GGUF name, shape, ggml type, load)] in llama.cpp's converter's order, for a checkpoint's
-    tensors {key: shape}: load() gives one as it goes in the file, read(key) with q/k rows permuted
-    for llama. Nothing is read before it is written: the export holds one tensor at a time."""
+    """[(GGUF name, shape, ggml type, load)] in llama.cpp's converter's order (for the k-quant
+    types, llama-quantize's: by layer, then by name), for a checkpoint's tensors {key: shape}:
+    load() gives one as it goes in the file, read(key) with q/k rows permuted for llama. Nothing is
+    read before it is written: the export holds one tensor at a time."""
     arch, permuted = ARCHS[c.model_type]
     out = []
     if (c.rope_scaling or {}).get("rope_type") == "llama3":
@@ -275,7 +286,10 @@ def tensors(shapes, read, c, ftype):
         elif permuted and key.endswith(("k_proj.weight", "k_proj.bias")):
             heads = c.num_key_value_heads
         name = gguf_name(key)
-        out.append((name, tuple(shapes[key]), ggml_type(name, shapes[key], ftype), loader(read, key, heads)))
+        out.append((name, tuple(shapes[key]), ggml_type(name, shapes[key], ftype, c, "lm_head.weight" not in shapes),
+                    loader(read, key, heads)))
+    if ftype in kquants.FILE_TYPES:
+        out.sort(key=lambda t: (int(t[0].split(".")[1]) if t[0].startswith("blk.") else -1, t[0]))
     return out
 
 
@@ -307,12 +321,16 @@ def encode(w, ggml_type):
         return x.half().numpy().tobytes()
     if ggml_type == TYPES["bf16"]:
         return x.bfloat16().view(torch.int16).numpy().tobytes()
+    if ggml_type in kquants.ENCODERS:
+        return kquants.quantize(x, ggml_type).numpy().tobytes()
     return quantize_q8_0(x).numpy().tobytes()
 
 
 def nbytes(shape, ggml_type):
     n = math.prod(shape)
-    return {0: 4 * n, 1: 2 * n, 30: 2 * n, 8: n // QK8_0 * 34}[ggml_type]
+    if ggml_type in kquants.BLOCK:  # Q8_0 and the k-quants: bytes per block of weights
+        return n // kquants.BLOCK[ggml_type][0] * kquants.BLOCK[ggml_type][1]
+    return {0: 4 * n, 1: 2 * n, 30: 2 * n}[ggml_type]
 
 
 def _string(s):

@@ -32,6 +32,7 @@ DEFAULT = {"q4_k_m": Q4_K, "q5_k_m": Q5_K, "q6_k": Q6_K}
 FALLBACK = {Q4_K: Q5_0, Q5_K: Q5_1, Q6_K: Q8_0}  # llama-quantize's type for a row not a multiple of 256
 GROUP_MAX_EPS = 1e-15  # ggml: a group whose largest magnitude is below this is all zeros
 f32 = torch.float32
+CHUNK = 1 << 18  # weights encoded at once
 
 
 # ---- which tensor gets which type --------------------------------------------------------------
@@ -41,11 +42,15 @@ def more_bits(i, n):
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_type(name, ncols, ftype, n_layers, tied, is_70b=False):
+def tensor_type(name, ncols, ftype, c, tied):
     """The ggml type llama-quantize gives the 2-D weight `name` (its GGUF name) with rows of ncols
-    in a q4_k_m/q5_k_m/q6_k file (norms, biases and rope factors stay F32: the caller's rule).
-    tied: the model has no output.weight, so token_embd is also the output layer. is_70b: llama.cpp's
-    LLM_TYPE_70B (80 layers, grouped-query attention), which gives attn_v a fifth bit in q4_k_m."""
+    in a q4_k_m/q5_k_m/q6_k file of the model with Config c (norms, biases and rope factors stay
+    F32: the caller's rule). tied: there is no output.weight, so token_embd is the output layer too.
+    attn_v and ffn_down get Q6_K in the layers more_bits picks (llama-quantize counts them in its
+    order, layer by layer, so the count is the layer); in a 70B (llama.cpp: 80 layers, for llama
+    with grouped-query attention) the other attn_v get Q5_K in q4_k_m."""
+    n_layers = c.num_hidden_layers
+    is_70b = n_layers == 80 and (c.model_type == "qwen2" or c.num_attention_heads != c.num_key_value_heads)
     t = DEFAULT[ftype]
     layer = int(name.split(".")[1]) if name.startswith("blk.") else None
     if name == "output.weight" or (tied and name == "token_embd.weight"):
@@ -97,6 +102,18 @@ def _fp16(x):
     return h.view(torch.uint8).reshape(*x.shape, 2), h.float()
 
 
+def _absmax(x, dim):
+    """x (2-D) -> the element of largest magnitude along dim, signed; where v and -v tie, the first
+    of them, as ggml's strict compare keeps (amax and amin are several times faster than argmax)."""
+    hi, lo = x.amax(dim), x.amin(dim)
+    out = torch.where(hi >= -lo, hi, lo)
+    tie = ((hi == -lo) & (hi > 0)).nonzero().squeeze(1)
+    if len(tie):
+        sub = x.index_select(1 - dim, tie)
+        out[tie] = sub.gather(dim, sub.abs().argmax(dim, keepdim=True)).squeeze(dim)
+    return out
+
+
 def _first(x, dim, pick):
     """The first element of the largest (pick=torch.argmax) or smallest value along dim, with its sign
     of zero: ggml keeps the first one found by a strict comparison, and -0.0 is written as such."""
@@ -122,28 +139,35 @@ def scale_min_search(x, w, nmax, rmin, rdelta, nstep):
     nmax (rmin + rdelta * i more), each refit by weighted least squares (scale and offset of the
     line through (L, x)), and keep a try that lowers the weighted squared error. An accepted try
     moves the offset the later tries round from, so the tries run one after another."""
+    n, b = x.shape
     lo = x.amin(0).clamp(max=0)  # the offset is never positive: 0 is always representable
     hi = x.amax(0)
     sum_w, sum_x = _sum(w), _sum(w * x)
     flat = hi == lo  # all zero: nothing to scale
     iscale = _div(nmax, hi - lo)
-    L = (iscale * (x - lo)).round_().clamp_(0, nmax)
     scale = _div(1, iscale)
-    best = _sum(w * torch.square(scale * L + lo - x))
+    l = (x - lo).mul_(iscale).round_().clamp_(0, nmax)
+    best = _sum(l.mul_(scale).add_(lo).sub_(x).square_().mul_(w))  # sum of w * (scale * l + lo - x)^2
+    chosen = iscale, lo  # what the kept L was rounded with: L is made again from it at the end
+    prods = torch.empty(n, 3, b)  # w*l, w*l*l, w*l*x per weight, summed down the columns together
     for i in range(nstep + 1):
         steps = torch.tensor(rmin, dtype=f32) + torch.tensor(rdelta, dtype=f32) * i + nmax  # fp32, in C's order
-        l = (steps / (hi - lo) * (x - lo)).round_().clamp_(0, nmax)  # (n, B)
-        wl = w * l
-        sum_l, sum_l2, sum_xl = _sum(torch.stack([wl, wl * l, wl * x], 1))  # (3, B)
+        iscale = steps / (hi - lo)
+        l = (x - lo).mul_(iscale).round_().clamp_(0, nmax)  # (n, B)
+        wl = torch.mul(w, l, out=prods[:, 0])
+        torch.mul(wl, l, out=prods[:, 1])
+        torch.mul(wl, x, out=prods[:, 2])
+        sum_l, sum_l2, sum_xl = _sum(prods)  # (3, B)
         det = sum_w * sum_l2 - sum_l * sum_l
         s = (sum_w * sum_xl - sum_x * sum_l) / det
         m = (sum_l2 * sum_x - sum_l * sum_xl) / det
         s = torch.where(m > 0, sum_xl / sum_l2, s)  # the fit wants a positive offset: refit through 0
         m = m.clamp(max=0)
-        err = _sum(w * torch.square(s * l + m - x))
+        err = _sum(l.mul_(s).add_(m).sub_(x).square_().mul_(w))
         take = (det > 0) & (err < best)
+        chosen = torch.where(take, iscale, chosen[0]), torch.where(take, lo, chosen[1])
         best, scale, lo = torch.where(take, err, best), torch.where(take, s, scale), torch.where(take, m, lo)
-        L = torch.where(take, l, L)
+    L = (x - chosen[1]).mul_(chosen[0]).round_().clamp_(0, nmax)
     return torch.where(flat, 0.0, scale), -lo, torch.where(flat, 0.0, L)
 
 
@@ -155,22 +179,26 @@ def scale_search(x, nmax):
     by weighted least squares, keep the one that explains most of sum(w x^2) (the largest
     sumlx^2 / suml2, compared as ggml does, in turn). The tries do not depend on each other: all
     19 roundings are made at once and compared after."""
-    mx = x.gather(0, x.abs().argmax(0, keepdim=True))[0]  # the (first) largest magnitude, signed
+    mx = _absmax(x, 0)
     zero = mx.abs() < GROUP_MAX_EPS
     tries = [0] + list(range(-9, 0)) + list(range(1, 10))
     steps = torch.stack([nmax + torch.tensor(0.1, dtype=f32) * i for i in tries])  # (19,) fp32
     iscale = -steps[:, None] / mx  # (19, B)
     w = x * x
-    l = (iscale[:, None] * x).round_().clamp_(-nmax, nmax - 1)  # (19, n, B)
-    sumlx, suml2 = _sum(w * x * l, 1), _sum(w * l * l, 1)  # (19, B): ((w x) l), ((w l) l) as in C
+    wx = w * x
+    sumlx, suml2 = torch.zeros_like(iscale), torch.zeros_like(iscale)  # (19, B)
+    for xi, wi, wxi in zip(x, w, wx):  # down the sub-blocks: ((w x) l) and ((w l) l) as in C
+        l = (iscale * xi).round_().clamp_(-nmax, nmax - 1)
+        sumlx += l * wxi
+        suml2 += (l * wi).mul_(l)
     scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], 0.0)
-    best, pick = scale * sumlx[0], torch.zeros_like(mx, dtype=torch.long)
+    best, pick = scale * sumlx[0], iscale[0]
     for t in range(1, len(tries)):
         take = (suml2[t] > 0) & (sumlx[t] * sumlx[t] > best * suml2[t])
         scale = torch.where(take, sumlx[t] / suml2[t], scale)
         best = torch.where(take, scale * sumlx[t], best)
-        pick = torch.where(take, t, pick)
-    L = l.gather(0, pick.expand(1, *x.shape))[0] + nmax
+        pick = torch.where(take, iscale[t], pick)
+    L = (pick * x).round_().clamp_(-nmax, nmax - 1) + nmax
     return torch.where(zero, 0.0, scale), torch.where(zero, 0.0, L)
 
 
@@ -228,7 +256,7 @@ def quantize_q6_k(x):
     sub = x.reshape(-1, 16).T.contiguous()  # (16, NB*16)
     scales, L = scale_search(sub, 32)
     scales, L = scales.view(nb, 16), L.T.reshape(nb, 16, 16)
-    max_scale = scales.gather(1, scales.abs().argmax(1, keepdim=True))[:, 0]  # largest magnitude, signed
+    max_scale = _absmax(scales, 1)
     zero = max_scale.abs() < GROUP_MAX_EPS
     iscale = _div(-128, max_scale)
     d_bytes, d = _fp16(_div(1, iscale))
@@ -246,11 +274,11 @@ def quantize_q6_k(x):
 def quantize_q5_0(x):
     """(N, 32) fp32 -> (N, 22) uint8: d (fp16) = the largest magnitude (signed) / -16, the fifth bits
     (4 bytes: bit j is weight j), 16 bytes: weight j in the low nibble, 16 + j in the high one."""
-    mx = x.gather(1, x.abs().argmax(1, keepdim=True))[:, 0]
+    mx = _absmax(x, 1)
     mx = torch.where(mx == 0, 0.0, mx)  # an all-zero block: +0, as ggml starts from
     d = mx / -16
     inv = torch.where(d != 0, _div(1, d), 0.0)
-    q = (x * inv[:, None] + 16.5).trunc_().clamp_(max=31).to(torch.uint8)  # C's (int8_t) cast truncates
+    q = (x * inv[:, None] + 16.5).clamp_(max=31).to(torch.uint8)  # the cast truncates, as C's (int8_t)
     return torch.cat([_fp16(d)[0], _bits((q >> 4).view(-1, 4, 8).transpose(1, 2), 1),
                       q[:, :16] & 15 | (q[:, 16:] & 15) << 4], 1)
 
@@ -261,7 +289,7 @@ def quantize_q5_1(x):
     lo, hi = _first(x, 1, torch.argmin), _first(x, 1, torch.argmax)
     d = (hi - lo) / 31
     inv = torch.where(d != 0, _div(1, d), 0.0)
-    q = ((x - lo[:, None]) * inv[:, None] + 0.5).trunc_().to(torch.uint8)
+    q = ((x - lo[:, None]) * inv[:, None] + 0.5).to(torch.uint8)  # truncated, as C's (uint8_t)
     return torch.cat([_fp16(d)[0], _fp16(lo)[0], _bits((q >> 4 & 1).view(-1, 4, 8).transpose(1, 2), 1),
                       q[:, :16] & 15 | (q[:, 16:] & 15) << 4], 1)
 
@@ -271,6 +299,7 @@ ENCODERS = {Q5_0: quantize_q5_0, Q5_1: quantize_q5_1, Q4_K: quantize_q4_k, Q5_K:
 
 def quantize(x, ggml_type):
     """(..., n) float tensor, n a multiple of the type's block -> uint8 (..., n / block * bytes)."""
-    n, nbytes = BLOCK[ggml_type]
+    n, _ = BLOCK[ggml_type]
     blocks = x.detach().to("cpu", f32).reshape(-1, n)
-    return ENCODERS[ggml_type](blocks).reshape(*x.shape[:-1], -1)
+    parts = blocks.split(max(1, CHUNK // n))  # a few MB of temporaries at a time, which stay in cache
+    return torch.cat([ENCODERS[ggml_type](p) for p in parts]).reshape(*x.shape[:-1], -1)

@@ -228,7 +228,7 @@ def main(argv=None):
     p.add_argument("--output_dir", required=True, help="where the merged checkpoint goes")
     p.add_argument("--force", action="store_true", help="replace a non-empty --output_dir")
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the merged weights (default: the base's)")
-    p.add_argument("--gguf", choices=gguf_export.TYPES,
+    p.add_argument("--gguf", choices=gguf_export.FILE_TYPES,
                    help="also write model-TYPE.gguf (llama.cpp, Ollama, LM Studio) and an Ollama Modelfile")
     p.add_argument("--max_shard_size", default="5GB", type=parse_size,
                    help="largest safetensors file before sharding (default: %(default)s)")
