@@ -222,7 +222,7 @@ def train_worker(args):
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
     estimate = None
     if args.impl == "ours":  # weights + LoRA + gradients + AdamW state, before activations
-        from quant import memory_report
+        from memory import memory_report
         estimate = memory_report(model)["total_bytes"]
     print(json.dumps({"tok_s": B * T / dt, "peak_bytes": peak, "estimate_bytes": estimate}))
 

@@ -11,12 +11,13 @@ folder here first.
 HF_ENDPOINT changes the server (a mirror), HF_TOKEN is sent for private and gated models.
 """
 import http.client
+import json
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from model import CheckpointError, weight_files
+from model import CheckpointError, Config, InputError, weight_files
 
 # The model every script uses when no --model_path is given: small enough to train on a CPU.
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -55,6 +56,36 @@ def same_checkpoint(a, b, root=ROOT):
     return where(a) == where(b)
 
 
+def endpoint():
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def file_url(repo_id, name):
+    return f"{endpoint()}/{repo_id}/resolve/main/{name}"
+
+
+def open_hub_file(repo_id, name):
+    """The response for one file of a hub model, from endpoint(), with HF_TOKEN sent when it is set
+    (urllib's errors are the caller's to word)."""
+    req = urllib.request.Request(file_url(repo_id, name))
+    if token := os.environ.get("HF_TOKEN"):
+        req.add_header("Authorization", f"Bearer {token}")
+    return urllib.request.urlopen(req, timeout=30)
+
+
+def read_config(model_path, root=ROOT):
+    """config.json of a checkpoint folder, of a hub id already downloaded, or fetched alone from
+    the hub (into memory: nothing is written), for --estimate_memory, which needs nothing else."""
+    for folder in (Path(model_path), Path(root) / model_path):
+        if (folder / "config.json").is_file():
+            return Config.from_json(folder / "config.json")
+    try:
+        with open_hub_file(model_path, "config.json") as r:
+            return Config.from_dict(json.loads(r.read()))
+    except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{model_path}: no config.json here, nor from {endpoint()} ({e})") from None
+
+
 def _weights_complete(local):
     try:
         return all((local / f).exists() for f in set(weight_files(local).values()))
@@ -63,19 +94,15 @@ def _weights_complete(local):
 
 
 def download(repo_id, local):
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     token = os.environ.get("HF_TOKEN")
 
     def fetch(name, required=True):
         if (local / name).exists():
             return True
         from tqdm import tqdm
-        url = f"{endpoint}/{repo_id}/resolve/main/{name}"
-        req = urllib.request.Request(url)
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
+        url = file_url(repo_id, name)
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with open_hub_file(repo_id, name) as r:
                 local.mkdir(parents=True, exist_ok=True)  # only once a file comes: a wrong id leaves no folder
                 total = int(r.headers.get("Content-Length") or 0) or None
                 part = local / (name + ".part")
@@ -99,7 +126,7 @@ def download(repo_id, local):
             hint = " (gated or private: set HF_TOKEN)" if e.code in (401, 403) else ""
             raise CheckpointError(f"{url}: HTTP {e.code}{hint}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise CheckpointError(f"cannot download {repo_id} from {endpoint} (offline? {getattr(e, 'reason', e)!r}); "
+            raise CheckpointError(f"cannot download {repo_id} from {endpoint()} (offline? {getattr(e, 'reason', e)!r}); "
                                   f"put the checkpoint folder at {local} or pass --model_path DIR") from None
 
     for name in HUB_FILES:

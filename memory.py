@@ -11,40 +11,26 @@ so the weights are counted from the very tensors training would hold, never read
                 block FSDP gathers (and the next one, prefetched)
 With --fsdp every parameter, its gradient and its optimizer state are split over world_size ranks
 (dim 0, padded); activations are not (each rank runs its own micro batch).
+
+memory_report(model) counts a model already built instead: the bytes its tensors hold.
 """
-import json
 import math
-import os
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from hub import read_config
 from lora import apply_lora, lora_layers
-from model import Config, InputError, Transformer
-from quant import NF4Linear, OPTIMIZER_BYTES_PER_PARAM, is_nf4_target
+from model import Transformer
+from quant import NF4Linear, is_nf4_target
 
 GiB = 2**30
-LOSS_CHUNK = 512  # rows of LinearCrossEntropy's chunk (train.py)
-
-
-def read_config(model_path, root="checkpoints"):
-    """config.json of a checkpoint folder, of a hub id already downloaded, or fetched alone from
-    the hub (into memory: nothing is written)."""
-    for folder in (Path(model_path), Path(root) / model_path):
-        if (folder / "config.json").is_file():
-            return Config.from_json(folder / "config.json")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    req = urllib.request.Request(f"{endpoint}/{model_path}/resolve/main/config.json")
-    if token := os.environ.get("HF_TOKEN"):
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return Config.from_dict(json.loads(r.read()))
-    except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{model_path}: no config.json here, nor from {endpoint} ({e})") from None
+LOSS_CHUNK = 512  # rows of loss.LinearCrossEntropy's chunk
+# Optimizer state bytes per trainable parameter: AdamW keeps two fp32 moments; the 8-bit
+# variants keep two uint8 moments (ignoring their per-block absmax, ~1%, and bitsandbytes'
+# fp32 fallback for tensors under 4096 elements).
+OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def meta_model(config, dtype, quantize, lora):
@@ -89,7 +75,6 @@ def estimate(config, *, quantize=False, dtype=torch.bfloat16, lora_r=16, target_
     world = world_size if fsdp else 1
     model = meta_model(config, dtype, quantize, dict(r=lora_r, alpha=2 * lora_r, target_modules=target_modules))
     nf4 = {id(p) for m in model.modules() if isinstance(m, NF4Linear) for n, p in m.named_parameters() if n != "bias"}
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     r = {"base nf4": 0, "base bf16": 0, "base fp32": 0, "lora": 0}
     n_lora = 0
     for p in model.parameters():
@@ -97,7 +82,7 @@ def estimate(config, *, quantize=False, dtype=torch.bfloat16, lora_r=16, target_
             r["lora"] += shard_bytes(p, world)
             n_lora += shard_bytes(p, world) // p.element_size()
         else:
-            r["base nf4" if id(p) in nf4 else f"base {names[p.dtype]}"] += shard_bytes(p, world)
+            r["base nf4" if id(p) in nf4 else f"base {DTYPE_NAMES[p.dtype]}"] += shard_bytes(p, world)
     r["grads"] = r["lora"]
     r["optimizer"] = n_lora * OPTIMIZER_BYTES_PER_PARAM[optimizer]
 
@@ -170,3 +155,36 @@ def format_estimate(r):
     else:
         lines.append(f"  {'total':<32}{gib(r['total'])}")
     return "\n".join(lines)
+
+
+def memory_report(model: nn.Module, optimizer: str = "adamw") -> dict:
+    """Bytes held by the model for training: frozen base weights by kind, trainable params,
+    their grads, and the optimizer state estimate. Trainable = requires_grad."""
+    nf4 = {id(p) for m in model.modules() if isinstance(m, NF4Linear)
+           for name, p in m.named_parameters(recurse=False) if name != "bias"}
+    base, trainable_params, trainable_bytes = {}, 0, 0
+    for t in [*model.parameters(), *model.buffers()]:
+        nbytes = t.numel() * t.element_size()
+        if t.requires_grad:
+            trainable_params += t.numel()
+            trainable_bytes += nbytes
+        else:
+            kind = "nf4" if id(t) in nf4 else DTYPE_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
+            base[kind] = base.get(kind, 0) + nbytes
+    optimizer_bytes = trainable_params * OPTIMIZER_BYTES_PER_PARAM[optimizer]
+    base_bytes = sum(base.values())
+    return {"base": base, "base_bytes": base_bytes, "trainable_params": trainable_params,
+            "trainable_bytes": trainable_bytes, "grad_bytes": trainable_bytes, "optimizer": optimizer,
+            "optimizer_bytes": optimizer_bytes, "total_bytes": base_bytes + 2 * trainable_bytes + optimizer_bytes}
+
+
+def format_memory_report(r: dict) -> str:
+    mib = lambda b: f"{b / 2**20:9.2f} MiB"  # noqa: E731
+    kinds = ", ".join(f"{k} {mib(v).strip()}" for k, v in sorted(r["base"].items()))
+    return "\n".join([
+        f"base weights {mib(r['base_bytes'])}  ({kinds})",
+        f"trainable    {mib(r['trainable_bytes'])}  ({r['trainable_params']:,} params)",
+        f"grads        {mib(r['grad_bytes'])}",
+        f"optimizer    {mib(r['optimizer_bytes'])}  ({r['optimizer']})",
+        f"total        {mib(r['total_bytes'])}",
+    ])

@@ -3,8 +3,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant import (DYNAMIC_CODE, NF4_CODE, NF4_MIDPOINTS, NF4Linear, absmax_fp32, dequantize_nf4,
-                   format_memory_report, memory_report, quantize_model, quantize_nf4)
+from memory import format_memory_report, memory_report
+from quant import (DYNAMIC_CODE, NF4_CODE, NF4_MIDPOINTS, NF4Linear, absmax_fp32, dequantize_nf4, quantize_model,
+                   quantize_nf4)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -304,7 +304,8 @@ def test_ex5_qlora_stores_block_linears_in_4_127_bits():
     from conftest import tiny_config
     from lora import apply_lora
     from model import Transformer
-    from quant import memory_report, quantize_model
+    from memory import memory_report
+    from quant import quantize_model
 
     reports = []
     for quantize in (False, True):
