@@ -284,7 +284,7 @@ def collate(rows, pad_id):
     input_ids   pad_id at pads
     targets     the label of the next token: IGNORE at pads, at each row's last token and at each
                 packed example's last token (never predict across examples). The loss is the
-                cross-entropy over the (targets != IGNORE).sum() other tokens (train.token_loss).
+                cross-entropy over the (targets != IGNORE).sum() other tokens (loss.token_loss).
     position_ids
     doc_ids     example index within the row, -1 at pads; None when no row is packed (then the
                 plain causal mask is the same thing)."""
