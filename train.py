@@ -276,15 +276,32 @@ def setup_distributed(fsdp=False):
     return rank, world, device
 
 
+def runnable_now(loadavg="/proc/loadavg", samples=5, interval=0.02):
+    """Threads running or waiting for a core right now, this one included: the 4th field of
+    /proc/loadavg ("1/80": runnable/all), the least of a few samples 20 ms apart, so that a
+    passing command is not counted. (Not the load average: it lags by minutes, and still counts
+    a run that has just finished.)"""
+    counts = []
+    for i in range(samples):
+        with open(loadavg) as f:
+            counts.append(int(f.read().split()[3].split("/")[0]))
+        if i < samples - 1:
+            time.sleep(interval)
+    return min(counts)
+
+
 def cpu_threads():
-    """Threads for training on the CPU: torch's default (one per core) less the cores other
-    processes keep busy (the 1-minute load average). Threads that outnumber the free cores
-    spin-wait on each other, and two runs sharing cores can each go many times slower than with
-    fewer threads. OMP_NUM_THREADS, when set, decides."""
-    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+    """Threads for training on the CPU: torch's default (one per core) less the cores that other
+    processes keep busy now. Threads that outnumber the free cores spin-wait on each other (GNU
+    OpenMP's default), and two runs sharing cores can each go many times slower than with fewer
+    threads. OMP_NUM_THREADS, when set, decides; without /proc (macOS, Windows), torch's default."""
+    if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
-    free = (os.cpu_count() or 1) - round(os.getloadavg()[0])
-    return max(1, min(torch.get_num_threads(), free))
+    try:
+        busy = runnable_now() - 1  # less this process's own thread
+    except (OSError, ValueError, IndexError):
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
 
 
 def all_sum(x, world):
@@ -533,8 +550,8 @@ def main(argv=None):
         torch.set_float32_matmul_precision("high")  # TF32 for --precision fp32; bf16 runs are the same
     threads = cpu_threads()
     if device.type == "cpu" and threads != torch.get_num_threads():
-        print(f"cpu: {threads} threads, not {torch.get_num_threads()}: other processes keep cores busy "
-              "(the load average); OMP_NUM_THREADS=N to choose")
+        print(f"cpu: {threads} threads, not {torch.get_num_threads()}: other processes keep cores busy now; "
+              "OMP_NUM_THREADS=N to choose")
         torch.set_num_threads(threads)
     try:
         with exit_on_input_error("train.py"):

@@ -1,4 +1,5 @@
 """train.py: the loss, overfitting, resume, DDP equivalence, QLoRA, bad input, a real model learning."""
+import io
 import json
 import math
 import os
@@ -322,17 +323,28 @@ def test_qlora_with_gradient_checkpointing_trains(tiny_checkpoint, tmp_path):
     assert loss[-1] < 0.5 * loss[0]
 
 
-def test_cpu_threads_leave_the_busy_cores_alone(monkeypatch):
-    # 4 cores, a load average of 2.6 from other processes: 1 thread; an idle machine: torch's own
-    # count; OMP_NUM_THREADS set: that.
+def test_cpu_threads_leave_the_cores_busy_now_alone(monkeypatch, tmp_path):
+    # The runnable count of /proc/loadavg decides, not the load average: a high average with
+    # only this process runnable (a run just finished) keeps every thread; three others
+    # runnable on 4 cores leave 1; the least of the samples counts (a passing command is not
+    # busy); OMP_NUM_THREADS set: that; no /proc: torch's own count.
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 1.0, 1.0))
-    assert train.cpu_threads() == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 1.0, 1.0))
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("3.90 3.10 2.00 1/80 4242\n")
+    assert train.runnable_now(loadavg, samples=1) == 1
+    samples = iter(["0.1 0.1 0.1 5/80 1", "0.1 0.1 0.1 2/80 1", "0.1 0.1 0.1 6/80 1"])
+    with monkeypatch.context() as m:
+        m.setattr(train, "open", lambda path: io.StringIO(next(samples)), raising=False)  # train's open only
+        assert train.runnable_now(samples=3, interval=0) == 2
+    monkeypatch.setattr(train, "runnable_now", lambda: 1)
     assert train.cpu_threads() == 4
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.9, 1.0, 1.0))
+    monkeypatch.setattr(train, "runnable_now", lambda: 4)
+    assert train.cpu_threads() == 1
+    monkeypatch.setattr(train, "runnable_now", lambda: (_ for _ in ()).throw(FileNotFoundError("/proc/loadavg")))
+    assert train.cpu_threads() == 4
+    monkeypatch.setattr(train, "runnable_now", lambda: 4)
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert train.cpu_threads() == 4
 
