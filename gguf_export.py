@@ -43,11 +43,10 @@ import struct
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer as HFTokenizer
 
 import kquants
 from model import CheckpointError, Config
-from tokenizer import Tokenizer, _content
+from tokenizer import END_OF_TURN, Tokenizer, read_json, token_content
 
 # model_type -> (GGUF architecture, q/k rows permuted for llama.cpp's rope). One line per family.
 ARCHS = {
@@ -83,10 +82,6 @@ SPECIAL_KEYS = {"bos": "bos", "eos": "eos", "unk": "unknown", "sep": "seperator"
 
 # ---- what goes in: key/values ----------------------------------------------------------------
 
-def _read_json(path):
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def pre_tokenizer(tok, path):
     ids = tok.encode(CHKTXT).ids  # with the specials the tokenizer adds (Llama 3: BOS), as llama.cpp hashes
     digest = hashlib.sha256(str(ids).encode()).hexdigest()
@@ -109,11 +104,10 @@ def token_and_type(i, text, added):
 
 def tokenizer_kv(path, vocab_size, arch):
     """The tokenizer.* keys: {key: (value type, value)}."""
-    template = Tokenizer(path).template  # also: a clear error for a missing or broken tokenizer.json
-    tok_json = json.loads((path / "tokenizer.json").read_text())
-    cfg = _read_json(path / "tokenizer_config.json")
-    tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
-    pre = pre_tokenizer(tok, path)
+    tokenizer = Tokenizer(path)  # also: a clear error for a missing or broken tokenizer.json
+    tok_json = json.loads((path / "tokenizer.json").read_text())  # the vocabulary and merges, as stored
+    cfg = read_json(path / "tokenizer_config.json")
+    pre = pre_tokenizer(tokenizer.tok, path)
     vocab = {i: t for t, i in tok_json["model"]["vocab"].items()}
     added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
     tokens = [token_and_type(i, vocab.get(i), added.get(i)) for i in range(vocab_size)]
@@ -133,9 +127,9 @@ def tokenizer_kv(path, vocab_size, arch):
     content = {a["content"]: a["id"] for a in reversed(tok_json.get("added_tokens", []))}  # first wins
     special = {}
     for kind in SPECIAL_KEYS:
-        if (t := _content(cfg.get(f"{kind}_token"))) in content:
+        if (t := token_content(cfg.get(f"{kind}_token"))) in content:
             special[kind] = content[t]
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     for kind in SPECIAL_KEYS:
         if kind not in special and isinstance(config.get(f"{kind}_token_id"), int):
             special[kind] = config[f"{kind}_token_id"]
@@ -156,7 +150,7 @@ def tokenizer_kv(path, vocab_size, arch):
         chat = named.get("default")
     if chat is not None:
         kv["tokenizer.chat_template"] = (STRING, chat)
-    eot = {"chatml": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>"}.get(template)
+    eot = END_OF_TURN.get(tokenizer.template)
     if eot in content:
         kv["tokenizer.ggml.eot_token_id"] = (UINT32, content[eot])
     return kv
@@ -173,9 +167,9 @@ def add_special(tok_json, cfg):
             add.setdefault("eos", False)
         elif p.get("type") == "TemplateProcessing" and len(single := p.get("single", [])) > 1:
             if first := single[0].get("SpecialToken", {}).get("id"):
-                add["bos"] = first == _content(cfg.get("bos_token"))
+                add["bos"] = first == token_content(cfg.get("bos_token"))
             if last := single[-1].get("SpecialToken", {}).get("id"):
-                add["eos"] = last == _content(cfg.get("eos_token"))
+                add["eos"] = last == token_content(cfg.get("eos_token"))
     for kind in ("bos", "eos"):
         if isinstance(cfg.get(f"add_{kind}_token"), bool):
             add.setdefault(kind, cfg[f"add_{kind}_token"])
@@ -187,7 +181,7 @@ def metadata(path, ftype):
     line) for a family or tokenizer llama.cpp's llama/qwen2 architectures cannot take as is."""
     path = Path(path)
     c = Config.from_json(path / "config.json")  # the same reading of config.json as the model's
-    raw = _read_json(path / "config.json")
+    raw = read_json(path / "config.json")
     if c.model_type not in ARCHS:
         raise CheckpointError(f"{path / 'config.json'}: GGUF export supports {SUPPORTED} "
                               f"(model_type {', '.join(ARCHS)}), not model_type {c.model_type}")

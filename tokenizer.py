@@ -27,7 +27,10 @@ from model import CheckpointError
 TEMPLATES = ("chatml", "qwen3", "llama3", "llama2", "mistral", "mistral_nemo")
 
 
-def _read_json(path):
+END_OF_TURN = {"chatml": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>"}  # the token a reply ends with
+
+
+def read_json(path):
     if not path.exists():
         return {}
     try:
@@ -36,7 +39,7 @@ def _read_json(path):
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def _content(token):  # tokenizer_config writes special tokens as "<s>" or {"content": "<s>", ...}
+def token_content(token):  # tokenizer_config writes special tokens as "<s>" or {"content": "<s>", ...}
     return token.get("content") if isinstance(token, dict) else token
 
 
@@ -49,9 +52,9 @@ class Tokenizer:
             self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as e:
             raise CheckpointError(f"{path / 'tokenizer.json'}: cannot be read ({e})") from None
-        cfg = _read_json(path / "tokenizer_config.json")
-        gen = _read_json(path / "generation_config.json")
-        self.bos_id = self.token_id(_content(cfg.get("bos_token")))
+        cfg = read_json(path / "tokenizer_config.json")
+        gen = read_json(path / "generation_config.json")
+        self.bos_id = self.token_id(token_content(cfg.get("bos_token")))
         # BOS for raw text: as tokenizer_config says, else as tokenizer.json's post-processor does.
         # We always encode with add_special_tokens=False and add BOS ourselves, so a chat prompt
         # whose template already writes BOS never gets a second one.
@@ -62,9 +65,9 @@ class Tokenizer:
         self.add_bos = cfg.get("add_bos_token", inferred_bos is not None) and self.bos_id is not None
         eos = gen.get("eos_token_id", [])
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        if (e := self.token_id(_content(cfg.get("eos_token")))) is not None:
+        if (e := self.token_id(token_content(cfg.get("eos_token")))) is not None:
             self.eos_ids.add(e)
-        pad = self.token_id(_content(cfg.get("pad_token")))
+        pad = self.token_id(token_content(cfg.get("pad_token")))
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
         chat_template = cfg.get("chat_template") or ""
         if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, ...]
@@ -78,7 +81,7 @@ class Tokenizer:
         self.system_date = None
         if "Cutting Knowledge Date" in chat_template:
             self.system_date = time.strftime("%d %b %Y") if "strftime_now" in chat_template else "26 Jul 2024"
-        end_of_turn = {"chatml": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.template)
+        end_of_turn = END_OF_TURN.get(self.template)
         if end_of_turn and (e := self.token_id(end_of_turn)) is not None:
             self.eos_ids.add(e)  # a chat reply ends at its end-of-turn token
 
