@@ -183,3 +183,22 @@ def test_merge_streams_the_bytes_of_merging_in_a_model(tmp_path, case):
             first_next = next(k for k, f in index["weight_map"].items() if f == files[i + 1])
             assert nbytes(keys + [first_next]) > flags["max_shard_size"]
     assert index["metadata"]["total_size"] == nbytes(expected)
+
+
+def test_merge_checks_the_base_as_loading_it_would(tmp_path):
+    # the base is never loaded as a model, so its tensors are checked from the files' headers:
+    # one missing, or one of another shape, is a one-line error before anything is written
+    from safetensors.torch import load_file, save_file
+
+    model = Transformer(tiny_config())
+    write_checkpoint(tmp_path / "base", model)
+    adapter = random_adapter(tmp_path / "base", tmp_path / "adapter", target_modules=["q_proj"])
+    state = load_file(tmp_path / "base" / "model.safetensors")
+    for name, broken, message in (
+            ("missing", {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"},
+             "missing tensor model.layers.1.mlp.up_proj.weight"),
+            ("reshaped", {**state, "model.norm.weight": torch.ones(63)}, r"model.norm.weight has shape \(63,\), expected \(64,\)")):
+        save_file(broken, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(InputError, match=message):
+            merge(tmp_path / "base", adapter, tmp_path / name)
+        assert not (tmp_path / name).exists()
