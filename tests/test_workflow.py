@@ -149,7 +149,8 @@ STREAMED = {  # base config, base dtype, base shards, adapter settings, merge.py
     "lora": ({}, torch.float32, 1, dict(target_modules="all-linear"), {}),
     "lora, bf16 base merged in fp32": ({}, torch.bfloat16, 1, dict(target_modules="all-linear"), dict(dtype=torch.float32)),
     "rslora, tied lm_head, sharded": (dict(tie_word_embeddings=True), torch.float32, 3,
-                                      dict(target_modules=["lm_head", "q_proj"], use_rslora=True), dict(max_shard_size=50_000)),
+                                      dict(target_modules=["lm_head", "q_proj"], use_rslora=True),
+                                      dict(max_shard_size=50_000)),
     "dora, embeddings": (dict(tie_word_embeddings=True), torch.float32, 1,
                          dict(target_modules=["embed_tokens", "o_proj", "lm_head"], use_dora=True), {}),
 }
@@ -197,7 +198,8 @@ def test_merge_checks_the_base_as_loading_it_would(tmp_path):
     for name, broken, message in (
             ("missing", {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"},
              "missing tensor model.layers.1.mlp.up_proj.weight"),
-            ("reshaped", {**state, "model.norm.weight": torch.ones(63)}, r"model.norm.weight has shape \(63,\), expected \(64,\)")):
+            ("reshaped", {**state, "model.norm.weight": torch.ones(63)},
+             r"model.norm.weight has shape \(63,\), expected \(64,\)")):
         save_file(broken, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
         with pytest.raises(InputError, match=message):
             merge(tmp_path / "base", adapter, tmp_path / name)
