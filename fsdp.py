@@ -27,7 +27,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, 
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lora import apply_lora, lora_layers, targetable_layers
-from model import CheckpointError, Config, Transformer, rope_inv_freq, weight_files
+from model import open_checkpoint, replace_module, rope_inv_freq
 from quant import NF4Linear, is_nf4_target
 
 
@@ -45,31 +45,7 @@ def load_sharded(path, dtype, device, quantize, lora, cpu_offload=False):
     """A Transformer from checkpoint folder `path` with LoRA (apply_lora's keyword arguments) and
     every block sharded over the process group; shard_root(...) must follow, around the module
     that calls the model. Peak memory: about one block in `dtype`, plus this rank's shards."""
-    from safetensors import safe_open
-
-    config = Config.from_json(path / "config.json")
-    files = weight_files(path)
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    found = {k for k in files if not k.endswith("rotary_emb.inv_freq")}
-    if config.tie_word_embeddings:
-        found.discard("lm_head.weight")  # some tied checkpoints store it anyway
-    if bad := sorted(expected ^ found):
-        what = "missing" if bad[0] in expected else "unexpected"
-        raise CheckpointError(f"{path}: {what} tensor {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
-
-    def read(key, shape):
-        # A file opened per tensor: its memory map, and the pages read through it, go with the
-        # tensor once it is sharded; one long-lived handle would keep every page read so far.
-        try:
-            with safe_open(path / files[key], framework="pt", device="cpu") as f:
-                t = f.get_tensor(key)
-        except Exception as e:  # safetensors raises its own error types for a damaged file
-            raise CheckpointError(f"{path / files[key]}: not a readable safetensors file ({e})") from None
-        if tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{path / files[key]}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        return t.to(device=device, dtype=dtype)
+    config, model, read = open_checkpoint(path, dtype, device)
 
     # LoRA first, around empty stand-ins of the frozen weights: apply_lora draws the initial A
     # weights from the RNG in the same order as in one process (the same adapter at step 0),
@@ -93,8 +69,7 @@ def load_sharded(path, dtype, device, quantize, lora, cpu_offload=False):
             shapes = {"weight": (sub.out_features, sub.in_features), "bias": (sub.out_features,)} if isinstance(sub, nn.Linear) else {}
             tensors = {k: read(f"{key}.{k}", shapes.get(k, p.shape)) for k, p in own.items()}
             if quantize and is_nf4_target(key, sub):
-                parent, _, child = name.rpartition(".")
-                setattr(module.get_submodule(parent), child, NF4Linear.from_weight(tensors["weight"], tensors.get("bias")))
+                replace_module(module, name, NF4Linear.from_weight(tensors["weight"], tensors.get("bias")))
             else:
                 for k, t in tensors.items():
                     setattr(sub, k, nn.Parameter(t, requires_grad=False))

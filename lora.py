@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import InputError, written_atomically
+from model import InputError, replace_module, written_atomically
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key = prefix + module name + ".lora_A.weight"
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -267,8 +267,7 @@ def add_adapter(model, names, adapter_name, settings, dtype):
         raise LoRAError(f"cannot add adapter {adapter_name!r} while another is merged; unmerge_lora first")
     for name in names:
         layer = lora_layer_for(model.get_submodule(name), settings.use_dora)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+        replace_module(model, name, layer)
         layer.add_adapter(adapter_name, settings, dtype)
         layer.train(model.training)  # new modules start in training mode (dropout on): follow the model
 
@@ -379,8 +378,7 @@ def merge_and_unload(model):
     plain Transformer again and its state_dict has the Hugging Face key names (for merge.py)."""
     merge_lora(model)
     for name, m in lora_layers(model):
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, m.base)
+        replace_module(model, name, m.base)
     return model
 
 

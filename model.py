@@ -404,38 +404,7 @@ class Transformer(nn.Module):
         safetensors file straight into place; with quantize="nf4" every linear layer of the
         blocks is quantized as soon as it is read, so peak memory stays near the 4-bit size.
         """
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: no such checkpoint folder")
-        config = Config.from_json(path / "config.json")
-        files = weight_files(path)
-        with torch.device("meta"):
-            model = cls(config)
-        expected = {k for k in model.state_dict()}
-        if config.tie_word_embeddings:
-            expected.discard("lm_head.weight")
-        found = set(files)
-        if config.tie_word_embeddings:
-            found.discard("lm_head.weight")  # some tied checkpoints store it anyway
-        if missing := sorted(expected - found):
-            raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        if unexpected := sorted(k for k in found - expected if not k.endswith("rotary_emb.inv_freq")):
-            raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-        handles = {}
-        try:
-            for f in sorted(set(files.values())):
-                handles[f] = safe_open(path / f, framework="pt", device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"{path / f}: not a readable safetensors file ({e})") from None
-
-        def read(key, shape):
-            t = handles[files[key]].get_tensor(key)
-            if tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"{path / files[key]}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-            return t.to(device=device, dtype=dtype)
-
+        config, model, read = open_checkpoint(path, dtype, device)
         if quantize not in (None, "nf4"):
             raise CheckpointError(f"quantize={quantize!r}: only 'nf4' is supported")
         if quantize:
@@ -446,8 +415,7 @@ class Transformer(nn.Module):
                 continue
             tensors = {k: read(f"{name}.{k}", p.shape) for k, p in own.items()}
             if quantize == "nf4" and is_nf4_target(name, module):
-                parent, child = name.rsplit(".", 1)
-                setattr(model.get_submodule(parent), child, NF4Linear.from_weight(tensors["weight"], tensors.get("bias")))
+                replace_module(model, name, NF4Linear.from_weight(tensors["weight"], tensors.get("bias")))
             else:
                 for k, t in tensors.items():
                     setattr(module, k, nn.Parameter(t))
@@ -455,6 +423,47 @@ class Transformer(nn.Module):
             model.lm_head.weight = model.model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(config).to(device)
         return model.eval()
+
+
+def open_checkpoint(path, dtype, device):
+    """(config, model, read) for a checkpoint folder: its Config, a Transformer of it on the meta
+    device (no memory), and read(key, shape), one tensor from its safetensors file in `dtype` on
+    `device`, its shape checked. Every key is checked before anything is read: a missing or an
+    unexpected tensor is named. The file is opened per tensor, so its memory map, and the pages
+    read through it, go with the tensor (a long-lived handle would keep every page read so far)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    config = Config.from_json(path / "config.json")
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()  # some tied checkpoints store it anyway
+    expected = set(model.state_dict()) - tied
+    found = {k for k in files if not k.endswith("rotary_emb.inv_freq")} - tied
+    for what, keys in (("missing", sorted(expected - found)), ("unexpected", sorted(found - expected))):
+        if keys:
+            raise CheckpointError(f"{path}: {what} tensor {keys[0]}" + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""))
+
+    def read(key, shape):
+        try:
+            with safe_open(path / files[key], framework="pt", device="cpu") as f:
+                t = f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise CheckpointError(f"{path / files[key]}: not a readable safetensors file ({e})") from None
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{path / files[key]}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        return t.to(device=device, dtype=dtype)
+
+    return config, model, read
+
+
+def replace_module(root, name, module):
+    """Put `module` in place of root's submodule `name` ("model.layers.0.mlp.up_proj")."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent), child, module)
 
 
 def weight_files(path):
