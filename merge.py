@@ -156,6 +156,8 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise InputError(f"--output_dir {out} is not empty; pass --force to replace it")
+    if gguf and gguf not in gguf_export.FILE_TYPES:
+        raise InputError(f"--gguf {gguf}: not a GGUF type this export writes ({', '.join(gguf_export.FILE_TYPES)})")
     check_adapter_folder(adapter_path)  # every path before the base loads (or downloads)
     path = resolve_checkpoint(model_path)
     adapter_path = Path(adapter_path)

@@ -175,3 +175,12 @@ def test_tensor_types_follow_llama_quantize():
     assert t("blk.4.attn_q.weight", ncols=100) == t("output.weight", ncols=100) == kquants.F16
     big = Config(**{**c.__dict__, "num_hidden_layers": 80})  # Llama 70B: the other attn_v get Q5_K
     assert kquants.tensor_type("blk.11.attn_v.weight", 8192, "q4_k_m", big, False) == kquants.Q5_K
+
+
+def test_unknown_gguf_type_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # the command line: argparse's choices
+        merge.main(["--model_path", "m", "--adapter_path", "a", "--output_dir", str(tmp_path / "out"), "--gguf", "q4_k_s"])
+    assert e.value.code == 2 and "invalid choice: 'q4_k_s'" in capsys.readouterr().err
+    with pytest.raises(merge.InputError, match=r"--gguf q3_k_m: not a GGUF type this export writes \(f16, .*q6_k\)"):
+        merge.merge("m", "a", tmp_path / "out", gguf="q3_k_m")  # the function: checked before any path is read
+    assert not (tmp_path / "out").exists()
