@@ -51,8 +51,8 @@ def edge_rows(w):
 
 def kquant_checkpoint(path, model_type):
     """A tiny checkpoint with rows of 256 and 512 (so every weight takes a k-quant) and 2 layers
-    (use_more_bits gives layer 1's attn_v and ffn_down Q6_K in q4_k_m, not layer 0's): fp32 weights from a seeded generator, SmolLM2's
-    tokenizer (its first 512 tokens)."""
+    (use_more_bits gives layer 1's attn_v and ffn_down Q6_K in q4_k_m, not layer 0's): fp32
+    weights from a seeded generator, SmolLM2's tokenizer (its first 512 tokens)."""
     extra = {"llama": dict(model_type="llama", tie_word_embeddings=False),
              "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
              "qwen3": dict(model_type="qwen3", tie_word_embeddings=False, head_dim=64)}[model_type]
@@ -130,7 +130,8 @@ def test_tiny_equals_llama_quantize(recorded, tmp_path, model_type, ftype):
 def test_smollm2_equals_llama_quantize(recorded, smollm2, smollm2_sha256, tmp_path, ftype):
     ref = recorded["smollm2"]
     if smollm2_sha256 != ref["model_safetensors_sha256"]:
-        pytest.skip("the fixture was recorded on the SmolLM2 copy ../shared/tools/get_smollm2.sh makes; this is another")
+        pytest.skip("the fixture was recorded on the SmolLM2 copy ../shared/tools/get_smollm2.sh makes; "
+                    "this is another")
     out = export(smollm2, ftype, tmp_path / f"{ftype}.gguf")
     assert_as_recorded(out, ref[ftype])
     # SmolLM2's rows of 576 fall back to Q5_0 / Q5_1 / Q8_0; ffn_down (rows of 1536) takes k-quants
@@ -146,7 +147,8 @@ def test_dequantized_within_the_formats_error(ggml_type, bits, sub):
     x = torch.randn(64, 1024)
     q = kquants.quantize(x, ggml_type)
     assert q.shape == (64, 1024 // kquants.BLOCK[ggml_type][0] * kquants.BLOCK[ggml_type][1])
-    y = torch.from_numpy(gguf.quants.dequantize(q.numpy(), gguf.GGMLQuantizationType(ggml_type)).reshape(x.shape).copy())
+    y = gguf.quants.dequantize(q.numpy(), gguf.GGMLQuantizationType(ggml_type))
+    y = torch.from_numpy(y.reshape(x.shape).copy())
     xs, ys = x.reshape(-1, sub), y.reshape(-1, sub)
     if ggml_type in (kquants.Q6_K, kquants.Q5_0):  # symmetric: d * q over [-max|x|, max|x|]
         span = 2 * xs.abs().amax(1)
@@ -161,7 +163,9 @@ def test_dequantized_within_the_formats_error(ggml_type, bits, sub):
 def test_tensor_types_follow_llama_quantize():
     c = Config(vocab_size=512, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=256, model_type="llama")
-    t = lambda name, ftype="q4_k_m", ncols=4096, tied=False: kquants.tensor_type(name, ncols, ftype, c, tied)  # noqa: E731
+    def t(name, ftype="q4_k_m", ncols=4096, tied=False):
+        return kquants.tensor_type(name, ncols, ftype, c, tied)
+
     # use_more_bits for 32 layers: 0-3, 28-31 and every third from 6 get Q6_K on attn_v and ffn_down
     more = [i for i in range(32) if t(f"blk.{i}.attn_v.weight") == kquants.Q6_K]
     assert more == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
@@ -179,7 +183,8 @@ def test_tensor_types_follow_llama_quantize():
 
 def test_unknown_gguf_type_is_one_line_and_leaves_nothing(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # the command line: argparse's choices
-        merge.main(["--model_path", "m", "--adapter_path", "a", "--output_dir", str(tmp_path / "out"), "--gguf", "q4_k_s"])
+        merge.main(["--model_path", "m", "--adapter_path", "a", "--output_dir", str(tmp_path / "out"),
+                    "--gguf", "q4_k_s"])
     assert e.value.code == 2 and "invalid choice: 'q4_k_s'" in capsys.readouterr().err
     with pytest.raises(merge.InputError, match=r"--gguf q3_k_m: not a GGUF type this export writes \(f16, .*q6_k\)"):
         merge.merge("m", "a", tmp_path / "out", gguf="q3_k_m")  # the function: checked before any path is read
