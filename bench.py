@@ -3,7 +3,13 @@
     python bench.py                                  # CPU, SmolLM2-135M-Instruct, every measure
     python bench.py --only generate,quantize         # some of: machine generate quantize train fsdp
     python bench.py --only dora                      # DoRA against LoRA and PEFT's DoRA (not by default)
+    python bench.py --only threads                   # CPU threads: alone and beside a second run (not by default)
     python bench.py --device cuda --config_json configs/llama3-8b.json   # random weights of a shape
+    python bench.py --device cuda --config_json configs/llama3-8b.json --only train --seq_len 2048 \
+        --micro_batch_size 1 --gradient_checkpointing   # QLoRA's goal shape: peak <= 6 GB, >= 2x transformers
+
+On CUDA the model is built in bf16 on the device, the peak is that of the training steps alone,
+and MFU and the decode floor are taken against a known card's data-sheet peaks (KNOWN_CARDS).
 
 Machines are noisy: every figure that matters is printed as a ratio against the reference
 measured in the same run, alternating runs. Training runs each in a fresh process so that its
@@ -11,6 +17,7 @@ peak memory (RSS on CPU, max allocated on CUDA) is its own.
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -18,9 +25,29 @@ import time
 
 import torch
 
+from common import default_device, default_dtype
 from data import IGNORE
 from hub import DEFAULT_MODEL, resolve_checkpoint
-from model import Config, Transformer, default_device, default_dtype
+from model import Config, Transformer
+
+
+# Dense bf16 tensor-core peaks (no sparsity) and HBM bandwidths from the vendors' data sheets, by
+# a piece of torch.cuda.get_device_name(); any other card is measured by machine().
+KNOWN_CARDS = {  # name: (bf16 FLOP/s, bytes/s)
+    "H200": (989e12, 4.8e12), "H100 NVL": (835e12, 3.9e12), "H100 PCIe": (756e12, 2.0e12),
+    "H100": (989e12, 3.35e12),  # SXM
+    "A100-SXM4-80GB": (312e12, 2.04e12), "A100-SXM4-40GB": (312e12, 1.56e12), "A100 80GB PCIe": (312e12, 1.94e12),
+    "A100": (312e12, 1.56e12), "L40S": (362e12, 0.864e12), "L4": (121e12, 0.3e12), "A10G": (70e12, 0.6e12),
+    "RTX 4090": (165e12, 1.0e12),
+}
+
+
+def card_peaks(device):
+    """(name, bf16 FLOP/s, HBM bytes/s) of a known CUDA card, or None."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next(((name, *v) for k, v in KNOWN_CARDS.items() if k in name), None)
 
 
 def sync(device):
@@ -62,8 +89,13 @@ def our_model(args, dtype, quantize=None):
     from quant import quantize_model
 
     torch.manual_seed(0)
-    with torch.device(args.device):
-        model = Transformer(Config.from_dict(json.load(open(args.config_json)))).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in dtype where it will run: no fp32 copy first (1.5x the model at peak)
+    try:
+        with torch.device(args.device):
+            model = Transformer(Config.from_dict(json.load(open(args.config_json))))
+    finally:
+        torch.set_default_dtype(default)
     return quantize_model(model) if quantize else model
 
 
@@ -162,6 +194,9 @@ def train_worker(args):
     """One training configuration in this process; prints a JSON line with its figures."""
     torch.manual_seed(0)
     cuda = torch.device(args.device).type == "cuda"
+    if args.auto_threads and not cuda and "OMP_NUM_THREADS" not in os.environ:  # as train.py decides
+        from train import cpu_threads
+        torch.set_num_threads(cpu_threads())
     dtype = default_dtype(args.device)
     B, T = args.micro_batch_size, args.seq_len
     if args.impl == "ours":
@@ -186,9 +221,16 @@ def train_worker(args):
         if args.qlora:
             kw["quantization_config"] = transformers.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-        if args.config_json:
+        if args.config_json and args.qlora:  # transformers quantizes only while loading: save random weights first
+            import tempfile
             config = transformers.AutoConfig.for_model(**json.load(open(args.config_json)))
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(args.device)
+            with tempfile.TemporaryDirectory() as tmp:
+                transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(tmp)
+                model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, device_map=args.device, **kw)
+        elif args.config_json:
+            config = transformers.AutoConfig.for_model(**json.load(open(args.config_json)))
+            with torch.device(args.device):  # built in dtype on the device, as ours
+                model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(resolve_checkpoint(args.model_path), dtype=dtype,
                                                                       device_map=args.device, **kw)
@@ -212,6 +254,8 @@ def train_worker(args):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    if cuda:  # the peak of training: not the model's build or load
+        torch.cuda.reset_peak_memory_stats()
     step()  # warm-up (also allocates the optimizer state)
     sync(args.device)
     t = time.perf_counter()
@@ -224,7 +268,7 @@ def train_worker(args):
     if args.impl == "ours":  # weights + LoRA + gradients + AdamW state, before activations
         from memory import memory_report
         estimate = memory_report(model)["total_bytes"]
-    print(json.dumps({"tok_s": B * T / dt, "peak_bytes": peak, "estimate_bytes": estimate}))
+    print(json.dumps({"tok_s": B * T / dt, "peak_bytes": peak, "estimate_bytes": estimate, "threads": torch.get_num_threads()}))
 
 
 def peak_rss():
@@ -305,8 +349,6 @@ def bench_train(args, flops):
     per_token = lora_train_flops_per_token(config, args.seq_len, args.lora_r)
     for qlora in (False, True):
         results, failed = {}, set()
-        if qlora and args.config_json:  # transformers quantizes only while loading a checkpoint
-            failed = set(impls) - {"ours"}
         for rep in range(args.repeat):  # alternate implementations, keep each one's best
             for impl in impls:
                 if impl in failed:
@@ -325,7 +367,8 @@ def bench_train(args, flops):
         kind = "QLoRA (NF4)" if qlora else "LoRA"
         mem = "max allocated" if torch.device(args.device).type == "cuda" else "peak RSS"
         print(f"train {kind}: r={args.lora_r} all-linear, seq {args.seq_len}, micro batch {args.micro_batch_size}, "
-              f"{'bf16' if args.device.startswith('cuda') else 'fp32'}{', grad ckpt' if args.gradient_checkpointing else ''}")
+              f"{'bf16' if args.device.startswith('cuda') else 'fp32'}{', grad ckpt' if args.gradient_checkpointing else ''}, "
+              f"MFU against {flops / 1e12:.2f} TFLOP/s")
         for impl, res in results.items():
             mfu = res["tok_s"] * per_token / flops
             est = f"  (memory_report: {res['estimate_bytes'] / 2**20:.0f} MiB before activations)" if res["estimate_bytes"] else ""
@@ -336,11 +379,44 @@ def bench_train(args, flops):
                   f"{o['peak_bytes'] / h['peak_bytes']:.2f}x peak memory")
 
 
+def bench_threads(args):
+    """One training run (ours) on its own, then beside a second one started just before it with the
+    same choice, for each way of choosing CPU threads: every core (torch's default), one thread,
+    train.cpu_threads() (the cores busy now), and every core with GNU OpenMP's threads sleeping
+    when idle instead of spinning (OMP_WAIT_POLICY=passive, read as the runtime starts). Tokens/s
+    of the measured run; the one beside it is stopped after."""
+    n = os.cpu_count() or 1
+    choices = {f"{n} threads (torch's default)": {"OMP_NUM_THREADS": str(n)}, "1 thread": {"OMP_NUM_THREADS": "1"},
+               "train.cpu_threads()": {}, f"{n} threads, OMP_WAIT_POLICY=passive": {"OMP_NUM_THREADS": str(n),
+                                                                                   "OMP_WAIT_POLICY": "passive"}}
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+    cmd = worker_command(args) + ["--impl", "ours", "--auto_threads"]
+    print(f"threads: ours, LoRA r={args.lora_r}, seq {args.seq_len}, micro batch {args.micro_batch_size}, {n} cores; "
+          f"best of {args.repeat}, tokens/s")
+    for name, env in choices.items():
+        res = {}
+        for beside in (False, True):
+            for _ in range(args.repeat):
+                other = subprocess.Popen(cmd[:cmd.index("--steps") + 1] + ["1000000"] + cmd[cmd.index("--steps") + 2:],
+                                         env={**base, **env}, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL) if beside else None
+                r = subprocess.run(cmd, env={**base, **env}, capture_output=True, text=True)
+                if other:
+                    other.kill()
+                    other.wait()
+                if r.returncode:
+                    sys.exit(f"bench.py: threads, {name}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+                out = json.loads(r.stdout.strip().splitlines()[-1])
+                res[beside] = max(res.get(beside, 0), out["tok_s"])
+                res[f"threads{beside}"] = out["threads"]
+        print(f"  {name:34s} alone {res[False]:7.0f} ({res['threadsFalse']} threads)   beside another run "
+              f"{res[True]:7.0f} ({res['threadsTrue']} threads)   beside / alone {res[True] / res[False]:.2f}x")
+
+
 def bench_fsdp(args):
     """Peak memory per process of 2 processes of train.py, DDP against --fsdp, run one after the
     other: tests/measure_peak.py in each process (after a short warm-up run, so that code pages are
     not counted) beside the total that --estimate_memory gives for the same run."""
-    import os
     import re
     import tempfile
 
@@ -369,7 +445,8 @@ def main():
     p.add_argument("--model_path", default=DEFAULT_MODEL)
     p.add_argument("--config_json", help="random weights of this config.json's shape instead of a checkpoint")
     p.add_argument("--device", default=default_device())
-    p.add_argument("--only", default="machine,generate,quantize,train")
+    p.add_argument("--only", default="machine,generate,quantize,train",
+                   help="some of: machine generate quantize train dora fsdp threads (default: %(default)s)")
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--micro_batch_size", type=int, default=4)
@@ -381,6 +458,7 @@ def main():
     p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--qlora", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dora", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--auto_threads", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return train_worker(args)
@@ -391,6 +469,12 @@ def main():
     flops, bandwidth = machine(args.device) if only & {"machine", "generate", "train"} else (None, None)
     if "machine" in only:
         print(f"machine: matmul {flops / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    card = card_peaks(args.device)
+    if card and flops:  # MFU and the decode floor against the data sheet's peaks, not the measured ones
+        print(f"peaks assumed for MFU and the decode floor: {card[0]}, dense bf16 {card[1] / 1e12:.0f} TFLOP/s, "
+              f"HBM {card[2] / 1e12:.2f} TB/s (data sheet; measured here: {flops / 1e12:.0f} TFLOP/s, "
+              f"copy {bandwidth / 1e12:.2f} TB/s)")
+        flops, bandwidth = card[1], card[2]
     dtype = default_dtype(args.device)
     if "generate" in only:
         bench_generate(args, dtype, bandwidth)
@@ -402,6 +486,8 @@ def main():
         bench_dora(args)
     if "fsdp" in only:
         bench_fsdp(args)
+    if "threads" in only:
+        bench_threads(args)
 
 
 if __name__ == "__main__":

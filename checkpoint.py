@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from common import written_atomically
 import fsdp
 from lora import load_adapter_weights, save_adapter
-from model import written_atomically
 
 
 def save_checkpoint(out, model, optimizer, state, keep=0):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from model import InputError
+from common import InputError
 
 IGNORE = -100  # label of a token that is not learned (cross_entropy's ignore_index)
 

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
+from common import InputError, default_device, default_dtype, exit_on_input_error
 from data import check_tools
 from hub import DEFAULT_MODEL, resolve_checkpoint, same_checkpoint
 from lora import check_adapter_folder, disable_adapters, load_adapter, set_adapter
-from model import InputError, Transformer, default_device, default_dtype, exit_on_input_error
+from model import Transformer
 from tokenizer import TEMPLATES, Tokenizer, parse_tool_calls
 
 

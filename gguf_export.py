@@ -45,7 +45,8 @@ from pathlib import Path
 import torch
 
 import kquants
-from model import CheckpointError, Config
+from common import CheckpointError
+from model import Config
 from tokenizer import END_OF_TURN, Tokenizer, read_json, token_content
 
 # model_type -> (GGUF architecture, q/k rows permuted for llama.cpp's rope). One line per family.

@@ -17,7 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from model import CheckpointError, Config, InputError, weight_files
+from common import CheckpointError, InputError
+from model import Config, weight_files
 
 # The model every script uses when no --model_path is given: small enough to train on a CPU.
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"

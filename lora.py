@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import InputError, replace_module, written_atomically
+from common import InputError, written_atomically
+from model import replace_module
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key = prefix + module name + ".lora_A.weight"
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"

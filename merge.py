@@ -31,12 +31,12 @@ import torch.nn as nn
 from safetensors import safe_open
 from tqdm import tqdm
 
+from common import CheckpointError, InputError, exit_on_input_error, written_atomically
 import gguf_export
 from dora import DoRAEmbedding, DoRALinear, dora_weight
 from hub import resolve_checkpoint, same_checkpoint
 from lora import PEFT_PREFIX, check_adapter_folder, lora_delta, match_adapter, read_adapter, settings_of
-from model import (CheckpointError, Config, InputError, Transformer, exit_on_input_error, weight_files,
-                   written_atomically)
+from model import Config, Transformer, weight_files
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

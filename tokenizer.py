@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from model import CheckpointError
+from common import CheckpointError
 
 TEMPLATES = ("chatml", "qwen3", "llama3", "llama2", "mistral", "mistral_nemo")
 

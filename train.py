@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from common import InputError, default_device, default_dtype, exit_on_input_error
 import data
 import fsdp
 from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -36,7 +37,7 @@ from data import IGNORE
 from hub import DEFAULT_MODEL, resolve_checkpoint
 from lora import apply_lora, count_parameters, save_adapter
 from loss import CausalLMLoss, fused_loss_applies
-from model import InputError, Transformer, default_device, default_dtype, exit_on_input_error
+from model import Transformer
 from observe import Observer, cut_back
 from tokenizer import TEMPLATES, Tokenizer
 

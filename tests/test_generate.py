@@ -10,10 +10,11 @@ import threading
 import pytest
 import torch
 
+from common import CheckpointError, InputError
 from conftest import ROOT, tiny_config, write_tiny_tokenizer
 from generate import generate, load, sample, stream_text
 from hub import resolve_checkpoint
-from model import CheckpointError, InputError, Transformer
+from model import Transformer
 from test_model import write_checkpoint
 from tokenizer import Tokenizer, render_chat
 

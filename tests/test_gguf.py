@@ -18,11 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common import CheckpointError
 import gguf_export
 import merge
 import train
 from conftest import ROOT, SMOLLM2
-from model import CheckpointError, Config, Transformer
+from model import Config, Transformer
 from test_model import write_checkpoint
 
 gguf = pytest.importorskip("gguf")  # the reference reader and quantizer (test-only)

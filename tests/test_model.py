@@ -9,7 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from conftest import tiny_config
-from model import CheckpointError, Config, SwiGLU, Transformer, apply_rope, rope_inv_freq
+from common import CheckpointError
+from model import Config, SwiGLU, Transformer, apply_rope, rope_inv_freq
 
 # One tiny random config per family, each exercising that family's quirks.
 FAMILIES = {

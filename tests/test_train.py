@@ -16,7 +16,7 @@ import data
 import train
 from loss import CausalLMLoss, LinearCrossEntropy, token_loss
 from conftest import ROOT, chat, write_jsonl
-from model import InputError
+from common import InputError
 
 # Eight examples of word-level "chat" for the tiny model: the reply is a fixed function of the question.
 TINY = [chat(f"w{i} w{i + 1}", f"w{i + 20} w{i + 40} w{i + 60}") for i in range(8)]
@@ -350,7 +350,7 @@ def test_cpu_threads_leave_the_cores_busy_now_alone(monkeypatch, tmp_path):
 
 
 def test_written_atomically_leaves_the_old_folder_after_a_failure(tmp_path):
-    from model import written_atomically
+    from common import written_atomically
 
     target = tmp_path / "ckpt"
     target.mkdir()

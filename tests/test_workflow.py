@@ -7,12 +7,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from common import InputError
 import train
 from conftest import ROOT, chat, tiny_config, write_jsonl
 from generate import load
 from lora import apply_lora, load_adapter, lora_layers, merge_and_unload, save_adapter
 from merge import checkpoint_dtype, merge
-from model import InputError, Transformer
+from model import Transformer
 from test_model import write_checkpoint
 
 QUESTION = "What is the capital of Brannock?"
