@@ -43,8 +43,23 @@ def test_bench_runs_every_measure_on_a_tiny_config(tmp_path):
                                       max_position_embeddings=c.max_position_embeddings)))
     out = subprocess.run([sys.executable, "bench.py", "--config_json", str(config), "--only", "generate,quantize,train,dora",
                           "--steps", "1", "--repeat", "1", "--seq_len", "32", "--new_tokens", "4"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)  # a guard, not a timing
     assert out.returncode == 0, out.stderr[-2000:]
     for line in ("ours / transformers = ", "QLoRA model loaded: ", "train LoRA: ", "ours / transformers+peft: ",
                  "ours DoRA / ours LoRA: ", "ours QLoRA-DoRA / ours QLoRA: ", "ours DoRA / peft DoRA: "):
         assert line in out.stdout, out.stdout
+    # transformers+peft+bitsandbytes QLoRA beside ours on a config too (random weights saved, then loaded quantized)
+    assert out.stdout.count("ours / transformers+peft: ") == 2 and "failed" not in out.stdout, out.stdout
+
+
+def test_known_cards_are_named_by_their_data_sheet_peaks(monkeypatch):
+    # MFU and the decode floor use the card's dense bf16 peak and HBM bandwidth when the name is
+    # known (longer names first: an H100 NVL is not an SXM H100, an L40S is not an L4); None otherwise.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    for name, want in (("NVIDIA H100 80GB HBM3", (989e12, 3.35e12)), ("NVIDIA H100 NVL", (835e12, 3.9e12)),
+                       ("NVIDIA H200", (989e12, 4.8e12)), ("NVIDIA A100-SXM4-80GB", (312e12, 2.04e12)),
+                       ("NVIDIA L40S", (362e12, 0.864e12)), ("NVIDIA L4", (121e12, 0.3e12))):
+        assert bench.card_peaks("cuda") == (name, *want)
+    name = "NVIDIA GeForce GTX 1080"
+    assert bench.card_peaks("cuda") is None
+    assert bench.card_peaks("cpu") is None
