@@ -260,16 +260,20 @@ def test_real_model_answers_paris_in_bf16_on_cuda(smollm2):
 
 # --- bench.py -------------------------------------------------------------------------------------
 
+def write_config_json(path, c):
+    """A config.json of Config c's shape, for bench.py --config_json."""
+    path.write_text(json.dumps(dict(model_type="llama", vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                                    intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                                    num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                                    max_position_embeddings=c.max_position_embeddings)))
+    return path
+
+
 def test_bench_py_on_cuda(tmp_path):
     # Every measure on a small random config, bf16 on the GPU; figures are not asserted, only
     # that each is printed and nothing failed.
     c = tiny_config(hidden_size=256, intermediate_size=512)
-    config = tmp_path / "small.json"
-    config.write_text(json.dumps(dict(model_type="llama", vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-                                      intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
-                                      num_attention_heads=c.num_attention_heads,
-                                      num_key_value_heads=c.num_key_value_heads,
-                                      max_position_embeddings=c.max_position_embeddings)))
+    config = write_config_json(tmp_path / "small.json", c)
     r = run("bench.py", "--device", "cuda", "--config_json", config, "--steps", 2, "--repeat", 1, "--seq_len", 64,
             "--new_tokens", 8)
     for line in ("machine: matmul", "generate: ours", "quantize: NF4", "QLoRA model loaded: ", "train LoRA: ",
@@ -427,12 +431,7 @@ def test_bench_builds_a_config_in_bf16_on_the_device(tmp_path):
     import bench
 
     c = tiny_config(hidden_size=512, intermediate_size=1024)
-    config = tmp_path / "small.json"
-    config.write_text(json.dumps(dict(model_type="llama", vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-                                      intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
-                                      num_attention_heads=c.num_attention_heads,
-                                      num_key_value_heads=c.num_key_value_heads,
-                                      max_position_embeddings=c.max_position_embeddings)))
+    config = write_config_json(tmp_path / "small.json", c)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
