@@ -127,9 +127,8 @@ def estimate(config, *, quantize=False, dtype=torch.bfloat16, lora_r=16, target_
 def estimate_for_run(cfg):
     """estimate() for a TrainConfig (train.py --estimate_memory): bf16 unless --precision fp32."""
     dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
-    targets = "all-linear" if cfg.target_modules == "all-linear" else [t.strip() for t in cfg.target_modules.split(",")]
     r = estimate(read_config(cfg.model_path), quantize=cfg.load_in_4bit, dtype=dtype, lora_r=cfg.lora_r,
-                 target_modules=targets, micro_batch_size=cfg.micro_batch_size, max_seq_len=cfg.max_seq_len,
+                 target_modules=cfg.targets(), micro_batch_size=cfg.micro_batch_size, max_seq_len=cfg.max_seq_len,
                  optimizer=cfg.optimizer, fsdp=cfg.fsdp, world_size=cfg.world_size,
                  gradient_checkpointing=cfg.gradient_checkpointing, fused_loss=cfg.loss == "fused",
                  cpu_offload=cfg.fsdp_cpu_offload)

@@ -88,10 +88,6 @@ class Tokenizer:
     def token_id(self, text):
         return None if text is None else self.tok.token_to_id(text)
 
-    @property
-    def vocab_size(self):
-        return self.tok.get_vocab_size()
-
     def encode(self, text, bos=None):
         ids = self.tok.encode(text, add_special_tokens=False).ids
         return [self.bos_id] + ids if (self.add_bos if bos is None else bos) else ids

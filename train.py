@@ -108,6 +108,10 @@ class TrainConfig:
     wandb_run_name: str = flag(None, "the run's name on Weights & Biases (None: one it makes up)")
 
 
+    def targets(self):
+        """--target_modules as apply_lora takes it: "all-linear", or a list of names."""
+        return "all-linear" if self.target_modules == "all-linear" else [t.strip() for t in self.target_modules.split(",")]
+
     def problem(self):
         """What is wrong with these settings, as argparse says it ("--flag must be ..."), or None."""
         bounds = [("lora_r", self.lora_r > 0, "must be positive"),
@@ -353,8 +357,7 @@ def load_data(cfg, tokenizer, say):
 def build_model(cfg, path, device, world, verbose):
     """The frozen base (NF4 with --load_in_4bit) in the run's precision, with LoRA adapters."""
     dtype = {None: default_dtype(device), "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
-    targets = "all-linear" if cfg.target_modules == "all-linear" else [t.strip() for t in cfg.target_modules.split(",")]
-    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets, use_rslora=cfg.use_rslora,
+    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.targets(), use_rslora=cfg.use_rslora,
                 use_dora=cfg.use_dora)
     if cfg.fsdp:  # read block by block, each sharded before the next is read
         model = fsdp.load_sharded(path, dtype, device, cfg.load_in_4bit, lora, cfg.fsdp_cpu_offload)
