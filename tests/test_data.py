@@ -271,9 +271,14 @@ def test_blank_lines_byte_order_mark_and_crlf_are_fine(tok, tmp_path):
     ('{"text": ""}', ":3: text must be a non-empty string"),
 ])
 def test_bad_record_names_file_and_line(tok, tmp_path, line, message):
+    assert_bad_third_line(tok, tmp_path, line, message, max_seq_len=64)
+
+
+def assert_bad_third_line(tok, tmp_path, line, message, max_seq_len):
+    """A file whose third line is `line` fails with one line, `path:3: message`."""
     path = write(tmp_path / "bad.jsonl", [GOOD, "", line])
     with pytest.raises(data.DataError) as e:
-        data.load_dataset(path, tok, max_seq_len=64)
+        data.load_dataset(path, tok, max_seq_len=max_seq_len)
     assert str(e.value).startswith(str(path) + message) and "\n" not in str(e.value)
 
 
@@ -466,10 +471,7 @@ def tool_line(**change):
     (tool_line(**{"1__reasoning_content": 3}), ":3: turn 2 (assistant) reasoning_content must be a string"),
 ])
 def test_bad_tool_record_names_file_and_line(tok, tmp_path, line, message):
-    path = write(tmp_path / "bad.jsonl", [GOOD, "", line])
-    with pytest.raises(data.DataError) as e:
-        data.load_dataset(path, tok, max_seq_len=512)
-    assert str(e.value).startswith(str(path) + message) and "\n" not in str(e.value)
+    assert_bad_third_line(tok, tmp_path, line, message, max_seq_len=512)
 
 
 @pytest.mark.parametrize("template, message", [
