@@ -200,7 +200,7 @@ def train_worker(args):
     dtype = default_dtype(args.device)
     B, T = args.micro_batch_size, args.seq_len
     if args.impl == "ours":
-        from lora import apply_lora
+        from adapters import apply_lora
         from loss import CausalLMLoss
 
         model = our_model(args, dtype, quantize="nf4" if args.qlora else None)

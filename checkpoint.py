@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from common import written_atomically
 import fsdp
-from lora import load_adapter_weights, save_adapter
+from peft_format import load_adapter_weights, save_adapter
 
 
 def save_checkpoint(out, model, optimizer, state, keep=0):

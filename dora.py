@@ -17,8 +17,8 @@ costs nothing: W <- g * V. llama.cpp's adapter converter refuses lora_magnitude_
 DoRA adapter goes to llama.cpp merged (merge.py), not as an adapter. The token embeddings take
 DoRA too (DoRAEmbedding), as PEFT defines it for them.
 
-This file holds the layers; lora.py puts them where an adapter has use_dora (apply_lora(...,
-use_dora=True), train.py --use_dora), and saves and loads them in PEFT's format, m under the key
+This file holds the layers; adapters.py puts them where an adapter has use_dora (apply_lora(...,
+use_dora=True), train.py --use_dora), and peft_format.py saves and loads them, m under the key
 <module>.lora_magnitude_vector: shape (out,), or (dim,) for the embeddings.
 """
 import torch

@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lora import apply_lora, lora_layers, targetable_layers
+from adapters import apply_lora, lora_layers, targetable_layers
 from model import open_checkpoint, replace_module, rope_inv_freq
 from quant import NF4Linear, is_nf4_target
 

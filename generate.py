@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 
+from adapters import disable_adapters, set_adapter
 from common import InputError, default_device, default_dtype, exit_on_input_error
 from data import check_tools
 from hub import DEFAULT_MODEL, resolve_checkpoint, same_checkpoint
-from lora import check_adapter_folder, disable_adapters, load_adapter, set_adapter
 from model import Transformer
+from peft_format import check_adapter_folder, load_adapter
 from tokenizer import TEMPLATES, Tokenizer, parse_tool_calls
 
 

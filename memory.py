@@ -19,8 +19,8 @@ import math
 import torch
 import torch.nn as nn
 
+from adapters import apply_lora, lora_layers
 from hub import read_config
-from lora import apply_lora, lora_layers
 from model import Transformer
 from quant import NF4Linear, is_nf4_target
 

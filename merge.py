@@ -32,11 +32,12 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from common import CheckpointError, InputError, exit_on_input_error, written_atomically
-import gguf_export
 from dora import DoRAEmbedding, DoRALinear, dora_weight
+import gguf_export
 from hub import resolve_checkpoint, same_checkpoint
-from lora import PEFT_PREFIX, check_adapter_folder, lora_delta, match_adapter, read_adapter, settings_of
+from lora import lora_delta
 from model import Config, Transformer, weight_files
+from peft_format import PEFT_PREFIX, check_adapter_folder, match_adapter, read_adapter, settings_of
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -28,10 +28,10 @@ import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
+from adapters import disable_adapters
 from common import InputError, written_atomically
 import data
 from generate import generate
-from lora import disable_adapters
 from tokenizer import parse_tool_calls
 
 MAX_NEW_TOKENS = 64  # per sampled answer: enough for a sentence, and shows a model that never stops

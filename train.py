@@ -29,16 +29,17 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from adapters import apply_lora, count_parameters
+from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from common import InputError, default_device, default_dtype, exit_on_input_error
 import data
-import fsdp
-from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from data import IGNORE
+import fsdp
 from hub import DEFAULT_MODEL, resolve_checkpoint
-from lora import apply_lora, count_parameters, save_adapter
 from loss import CausalLMLoss, fused_loss_applies
 from model import Transformer
 from observe import Observer, cut_back
+from peft_format import save_adapter
 from tokenizer import TEMPLATES, Tokenizer
 
 

@@ -83,7 +83,8 @@ def resident(key):
 def child(what, base, adapter, out):
     """In a fresh process: the peak resident bytes of one piece of work, above where it started."""
     import merge
-    from lora import load_adapter, merge_and_unload
+    from adapters import merge_and_unload
+    from peft_format import load_adapter
     from model import Transformer
 
     with open("/proc/self/clear_refs", "w") as f:

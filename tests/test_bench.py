@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from adapters import apply_lora
 import bench
 from conftest import ROOT, tiny_config
-from lora import apply_lora
-from model import Transformer
 from loss import CausalLMLoss
+from model import Transformer
 
 
 def test_flops_per_token_match_torchs_flop_counter():

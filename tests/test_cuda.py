@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from adapters import apply_lora
 from conftest import ROOT, chat, make_tiny_checkpoint, tiny_config, write_jsonl
 from generate import generate
-from lora import apply_lora
 from model import Transformer
 from quant import NF4Linear, _dequantize_bnb, dequantize_nf4, quantize_nf4
 from test_quant import DTYPES, bits_equal, weight

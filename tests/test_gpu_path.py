@@ -11,14 +11,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import model as model_module
-import train
+from adapters import apply_lora, lora_layers
 from conftest import chat, tiny_config, write_jsonl
 from dora import DoRAEmbedding, DoRALinear
-from lora import AdapterSettings, LoRAEmbedding, LoRALinear, apply_lora, lora_layers
+from lora import AdapterSettings, LoRAEmbedding, LoRALinear
 from loss import CausalLMLoss
+import model as model_module
 from model import Transformer
 from quant import NF4Linear, quantize_model
+import train
 
 TINY = [chat(f"w{i} w{i + 1}", f"w{i + 20} w{i + 40} w{i + 60}") for i in range(8)]
 

@@ -10,12 +10,13 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import quant
+from adapters import (apply_lora, count_parameters, disable_adapters, lora_layers, merge_and_unload, merge_lora,
+                      set_adapter, unmerge_lora)
 from conftest import tiny_config
-from lora import (AdapterSettings, LoRAError, LoRALinear, apply_lora, count_parameters, disable_adapters,
-                  load_adapter, load_adapter_weights, lora_layers, merge_and_unload, merge_lora, save_adapter,
-                  set_adapter, unmerge_lora)
+from lora import AdapterSettings, LoRAError, LoRALinear
 from model import Transformer
+from peft_format import load_adapter, load_adapter_weights, save_adapter
+import quant
 
 BLOCK_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

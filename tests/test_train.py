@@ -101,7 +101,7 @@ def test_training_loss_equals_transformers_labels_loss(smollm2):
 def test_one_micro_batch_of_4_equals_two_of_2(tiny_checkpoint):
     # The same four rows (different lengths, so padding differs) as one micro batch or as two:
     # the step's loss (atol 1e-6) and every LoRA gradient (within 1e-6 of its largest entry) agree, fp32.
-    from lora import apply_lora, lora_layers
+    from adapters import apply_lora, lora_layers
     from model import Transformer
     from tokenizer import Tokenizer
 
@@ -127,7 +127,7 @@ def test_packing_changes_nothing_but_the_layout(tiny_checkpoint, tmp_path):
     # Four examples packed into one row give the same loss (atol 1e-5) and LoRA gradients (each within
     # 1e-5 of its largest entry) as four rows, fp32: positions restart and no token attends across
     # examples. And a packed run learns.
-    from lora import apply_lora, lora_layers
+    from adapters import apply_lora, lora_layers
     from model import Transformer
     from tokenizer import Tokenizer
 
@@ -176,7 +176,7 @@ def test_tiny_model_overfits(tiny_checkpoint, tmp_path):
 def test_lm_head_can_be_a_target(tiny_checkpoint, tmp_path):
     # --target_modules q_proj,lm_head: the loss goes through the adapted head (its logits
     # materialized) and falls; the adapter saves and reloads with lm_head's A and B in it
-    from lora import load_adapter
+    from peft_format import load_adapter
     from model import Transformer
 
     train.train(config(tiny_checkpoint, tmp_path, num_epochs=30, target_modules="q_proj,lm_head"))

@@ -7,14 +7,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from adapters import apply_lora, lora_layers, merge_and_unload
 from common import InputError
-import train
 from conftest import ROOT, chat, tiny_config, write_jsonl
 from generate import load
-from lora import apply_lora, load_adapter, lora_layers, merge_and_unload, save_adapter
 from merge import checkpoint_dtype, merge
 from model import Transformer
+from peft_format import load_adapter, save_adapter
 from test_model import write_checkpoint
+import train
 
 QUESTION = "What is the capital of Brannock?"
 
@@ -100,7 +101,8 @@ def test_adapter_of_a_tied_lm_head_merges_untied(tmp_path, capsys):
     # merge.py writes lm_head.weight, says tie_word_embeddings: false, keeps the embeddings, and
     # the merged logits equal base + adapter's, here (fp32, atol 1e-4) and in transformers.
     from conftest import tiny_config
-    from lora import apply_lora, lora_layers, save_adapter
+    from adapters import apply_lora, lora_layers
+    from peft_format import save_adapter
     from test_model import write_checkpoint
 
     base = tmp_path / "tied"

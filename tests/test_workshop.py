@@ -302,7 +302,7 @@ def test_ex5_qlora_stores_block_linears_in_4_127_bits():
     # memory_report of LoRA over an fp32 base and over NF4: the NF4 buffers of the block linears
     # take 4.127/32 of their fp32 bytes (plus one 4-byte offset per layer); LoRA's bytes are the same
     from conftest import tiny_config
-    from lora import apply_lora
+    from adapters import apply_lora
     from model import Transformer
     from memory import memory_report
     from quant import quantize_model
@@ -368,7 +368,7 @@ def test_ex6_without_the_end_of_turn_the_model_does_not_stop(tiny_checkpoint, tm
 def test_ex7_merged_logits_equal_adapter_logits():
     # fp32: merge_and_unload's plain model gives the adapter model's logits within 1e-5
     from conftest import tiny_config
-    from lora import apply_lora, lora_layers, merge_and_unload
+    from adapters import apply_lora, lora_layers, merge_and_unload
     from model import Transformer
 
     model = Transformer(tiny_config()).eval()
