@@ -62,8 +62,7 @@ def apply_lora(model, r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_p
     add_adapter(model, names, adapter_name, AdapterSettings(r, alpha, dropout, use_rslora, use_dora), dtype)
     set_adapter(model, adapter_name)
     if verbose:
-        trainable, total = count_parameters(model)
-        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+        print(trainable_summary(model))
     return model
 
 
@@ -106,6 +105,12 @@ def count_parameters(model):
     total = sum(p.numel() for p in params)
     total += sum(m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel()) for m in nf4)
     return trainable, total
+
+
+def trainable_summary(model):
+    """PEFT's print_trainable_parameters line: how much of the model trains."""
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
 def set_adapter(model, name):

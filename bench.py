@@ -195,7 +195,7 @@ def train_worker(args):
     torch.manual_seed(0)
     cuda = torch.device(args.device).type == "cuda"
     if args.auto_threads and not cuda and "OMP_NUM_THREADS" not in os.environ:  # as train.py decides
-        from train import cpu_threads
+        from common import cpu_threads
         torch.set_num_threads(cpu_threads())
     dtype = default_dtype(args.device)
     B, T = args.micro_batch_size, args.seq_len
@@ -298,6 +298,32 @@ def lora_train_flops_per_token(config, seq_len, r):
     return 4 * frozen + 6 * lora + 3 * attention - first_qkv_input_grad
 
 
+def best_of(args, runs):
+    """{name: result} of worker processes {name: their flags}, run in turn args.repeat times
+    (these machines are noisy): each keeps its best tokens/s and lowest peak memory. A run that
+    fails is said and left out."""
+    best = {}
+    for _ in range(args.repeat):
+        for name, flags in runs.items():
+            if best.get(name, {}) is None:
+                continue
+            r = subprocess.run(worker_command(args) + flags, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"  {name}: failed: {last_error(r)}")
+                best[name] = None
+                continue
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            old = best.get(name, {"tok_s": 0, "peak_bytes": float("inf")})
+            best[name] = {**res, "tok_s": max(res["tok_s"], old["tok_s"]),
+                          "peak_bytes": min(res["peak_bytes"], old["peak_bytes"])}
+    return {name: res for name, res in best.items() if res is not None}
+
+
+def last_error(r):
+    """What a failed worker (a subprocess.run result) said last, or its exit code."""
+    return r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
+
+
 def worker_command(args):
     """The command line of one train_worker process with this run's shape (--impl etc. to add)."""
     cmd = [sys.executable, __file__, "--worker", "--device", args.device, "--steps", str(args.steps),
@@ -316,21 +342,13 @@ def bench_dora(args):
         runs["peft DoRA"] = ["--impl", "transformers", "--dora"]
     except ImportError:
         print("peft is not installed: no PEFT DoRA figures", file=sys.stderr)
-    best = {}
-    for _ in range(args.repeat):
-        for name, flags in runs.items():
-            r = subprocess.run(worker_command(args) + flags, capture_output=True, text=True)
-            if r.returncode != 0:
-                sys.exit(f"bench.py: {name} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-            res = json.loads(r.stdout.strip().splitlines()[-1])
-            old = best.get(name, {"tok_s": 0, "peak_bytes": float("inf")})
-            best[name] = {"tok_s": max(res["tok_s"], old["tok_s"]), "peak_bytes": min(res["peak_bytes"], old["peak_bytes"])}
+    best = best_of(args, runs)
     mem = "max allocated" if torch.device(args.device).type == "cuda" else "peak RSS"
     print(f"train DoRA: r={args.lora_r} all-linear, seq {args.seq_len}, micro batch {args.micro_batch_size}")
     for name, res in best.items():
         print(f"  {name:15s} {res['tok_s']:8.0f} tok/s  {res['peak_bytes'] / 2**20:8.0f} MiB {mem}")
     pairs = [("ours DoRA", "ours LoRA"), ("ours QLoRA-DoRA", "ours QLoRA"), ("ours DoRA", "peft DoRA")]
-    for a, b in [(a, b) for a, b in pairs if b in best]:
+    for a, b in [(a, b) for a, b in pairs if a in best and b in best]:
         print(f"  {a} / {b}: {best[a]['tok_s'] / best[b]['tok_s']:.2f}x tokens/s, "
               f"{best[a]['peak_bytes'] / best[b]['peak_bytes']:.2f}x peak memory")
 
@@ -345,33 +363,18 @@ def bench_train(args, flops):
         impls.append("transformers+peft")
     except ImportError:
         print("transformers/peft are not installed: no reference figures", file=sys.stderr)
-    base = worker_command(args)
     per_token = lora_train_flops_per_token(config, args.seq_len, args.lora_r)
     for qlora in (False, True):
-        results, failed = {}, set()
-        for rep in range(args.repeat):  # alternate implementations, keep each one's best
-            for impl in impls:
-                if impl in failed:
-                    continue
-                cmd = base + ["--impl", impl.split("+")[0]] + (["--qlora"] if qlora else [])
-                r = subprocess.run(cmd, capture_output=True, text=True)
-                if r.returncode != 0:
-                    print(f"  {impl}{' QLoRA' if qlora else ''}: failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-                    failed.add(impl)
-                    continue
-                res = json.loads(r.stdout.strip().splitlines()[-1])
-                best = results.get(impl)
-                results[impl] = {"tok_s": max(res["tok_s"], best["tok_s"] if best else 0),
-                                 "peak_bytes": min(res["peak_bytes"], best["peak_bytes"] if best else float("inf")),
-                                 "estimate_bytes": res["estimate_bytes"]}
         kind = "QLoRA (NF4)" if qlora else "LoRA"
         mem = "max allocated" if torch.device(args.device).type == "cuda" else "peak RSS"
+        dtype = "bf16" if args.device.startswith("cuda") else "fp32"
         print(f"train {kind}: r={args.lora_r} all-linear, seq {args.seq_len}, micro batch {args.micro_batch_size}, "
-              f"{'bf16' if args.device.startswith('cuda') else 'fp32'}{', grad ckpt' if args.gradient_checkpointing else ''}, "
-              f"MFU against {flops / 1e12:.2f} TFLOP/s")
+              f"{dtype}{', grad ckpt' if args.gradient_checkpointing else ''}, MFU against {flops / 1e12:.2f} TFLOP/s")
+        results = best_of(args, {impl: ["--impl", impl.split("+")[0]] + ["--qlora"] * qlora for impl in impls})
         for impl, res in results.items():
             mfu = res["tok_s"] * per_token / flops
-            est = f"  (memory_report: {res['estimate_bytes'] / 2**20:.0f} MiB before activations)" if res["estimate_bytes"] else ""
+            est = res["estimate_bytes"]
+            est = f"  (memory_report: {est / 2**20:.0f} MiB before activations)" if est else ""
             print(f"  {impl:18s} {res['tok_s']:8.0f} tok/s  {res['peak_bytes'] / 2**20:8.0f} MiB {mem}  MFU {mfu:.1%}{est}")
         if len(results) == 2:
             o, h = results["ours"], results["transformers+peft"]
@@ -382,12 +385,12 @@ def bench_train(args, flops):
 def bench_threads(args):
     """One training run (ours) on its own, then beside a second one started just before it with the
     same choice, for each way of choosing CPU threads: every core (torch's default), one thread,
-    train.cpu_threads() (the cores busy now), and every core with GNU OpenMP's threads sleeping
+    common.cpu_threads() (the cores busy now), and every core with GNU OpenMP's threads sleeping
     when idle instead of spinning (OMP_WAIT_POLICY=passive, read as the runtime starts). Tokens/s
     of the measured run; the one beside it is stopped after."""
     n = os.cpu_count() or 1
     choices = {f"{n} threads (torch's default)": {"OMP_NUM_THREADS": str(n)}, "1 thread": {"OMP_NUM_THREADS": "1"},
-               "train.cpu_threads()": {}, f"{n} threads, OMP_WAIT_POLICY=passive": {"OMP_NUM_THREADS": str(n),
+               "common.cpu_threads()": {}, f"{n} threads, OMP_WAIT_POLICY=passive": {"OMP_NUM_THREADS": str(n),
                                                                                    "OMP_WAIT_POLICY": "passive"}}
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
     cmd = worker_command(args) + ["--impl", "ours", "--auto_threads"]
@@ -405,7 +408,7 @@ def bench_threads(args):
                     other.kill()
                     other.wait()
                 if r.returncode:
-                    sys.exit(f"bench.py: threads, {name}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+                    sys.exit(f"bench.py: threads, {name}: {last_error(r)}")
                 out = json.loads(r.stdout.strip().splitlines()[-1])
                 res[beside] = max(res.get(beside, 0), out["tok_s"])
                 res[f"threads{beside}"] = out["threads"]

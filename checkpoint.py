@@ -12,6 +12,7 @@ optimizer states are gathered whole first, so a checkpoint is the same whatever 
 import json
 import shutil
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -22,16 +23,16 @@ import fsdp
 from peft_format import load_adapter_weights, save_adapter
 
 
-def save_checkpoint(out, model, optimizer, state, keep=0):
+def save_checkpoint(out, model, optimizer, state, keep=0, sharded=False):
     """out/checkpoints/step-N, complete whenever it exists; then all but the `keep` newest are deleted.
-    Every rank calls it and rank 0 writes: under FSDP the adapter and the optimizer states are
-    gathered whole first, so the files are the same as in one process."""
+    Every rank calls it and rank 0 writes: `sharded` (FSDP), the adapter and the optimizer states
+    are gathered whole first, so the files are the same as in one process."""
     from safetensors.torch import save_file
 
     t0 = time.perf_counter()
     final = out / "checkpoints" / f"step-{state['step']}"
-    with fsdp.gathered_lora(model):
-        opt_state = fsdp.full_optimizer_state(optimizer)
+    with fsdp.gathered_lora(model) if sharded else nullcontext():
+        opt_state = fsdp.full_optimizer_state(optimizer) if sharded else optimizer.state_dict()
         rng = {"cpu": every_rank(torch.get_rng_state())}
         if torch.cuda.is_available():
             rng["cuda"] = every_rank(torch.cuda.get_rng_state())
@@ -75,14 +76,20 @@ def latest_checkpoint(out):
     return found[-1] if found else None
 
 
-def load_checkpoint(path, model, optimizer):
+def load_checkpoint(path, model, optimizer, sharded=False):
+    """The adapter's weights, optimizer states and this rank's RNG state from checkpoint `path`;
+    returns its trainer_state.json. `sharded` (FSDP): each rank keeps its piece of each."""
     from safetensors.torch import load_file
 
-    with fsdp.gathered_lora(model, write_back=True):  # FSDP: each rank keeps its piece of the adapter
+    with fsdp.gathered_lora(model, write_back=True) if sharded else nullcontext():
         load_adapter_weights(model, path)
     tensors = load_file(path / "trainer_state.safetensors")
     state = json.loads((path / "trainer_state.json").read_text())
-    fsdp.load_optimizer_state(optimizer, unflatten_optimizer(tensors, state.pop("optimizer")))
+    opt_state = unflatten_optimizer(tensors, state.pop("optimizer"))
+    if sharded:
+        fsdp.load_optimizer_state(optimizer, opt_state)
+    else:
+        optimizer.load_state_dict(opt_state)
     keep_paged(optimizer)
     rank = f".{dist.get_rank()}" if dist.is_initialized() and dist.get_rank() else ""
     torch.set_rng_state(tensors.get(f"rng.cpu{rank}", tensors["rng.cpu"]))

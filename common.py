@@ -1,9 +1,11 @@
 """What every script shares, kept out of model.py so that model.py opens with the model: the
-errors that end a script with one line, the default device and dtype, and atomic writes.
+errors that end a script with one line, the default device and dtype, how many CPU threads
+to train with, and atomic writes.
 """
 import os
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,6 +39,34 @@ def default_device():
 def default_dtype(device):
     """bf16 on a GPU (half the memory of fp32, its fast matmuls); fp32 on a CPU, where bf16 is slow."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def runnable_now(loadavg="/proc/loadavg", samples=5, interval=0.02):
+    """Threads running or waiting for a core right now, this one included: the 4th field of
+    /proc/loadavg ("1/80": runnable/all), the least of a few samples 20 ms apart, so that a
+    passing command is not counted. (Not the load average: it lags by minutes, and still counts
+    a run that has just finished.)"""
+    counts = []
+    for i in range(samples):
+        with open(loadavg) as f:
+            counts.append(int(f.read().split()[3].split("/")[0]))
+        if i < samples - 1:
+            time.sleep(interval)
+    return min(counts)
+
+
+def cpu_threads():
+    """Threads for training on the CPU: torch's default (one per core) less the cores that other
+    processes keep busy now. Threads that outnumber the free cores spin-wait on each other (GNU
+    OpenMP's default), and two runs sharing cores can each go many times slower than with fewer
+    threads. OMP_NUM_THREADS, when set, decides; without /proc (macOS, Windows), torch's default."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    try:
+        busy = runnable_now() - 1  # less this process's own thread
+    except (OSError, ValueError, IndexError):
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
 
 
 @contextmanager

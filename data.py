@@ -171,7 +171,8 @@ def check_tool_calls(calls, where):
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: tool call {i} ({f['name']}): arguments are not JSON ({e.msg})") from None
         if not isinstance(args, dict):
-            raise DataError(f"{where}: tool call {i} ({f['name']}): arguments must be a JSON object, not {type(args).__name__}")
+            raise DataError(f"{where}: tool call {i} ({f['name']}): arguments must be a JSON object, "
+                            f"not {type(args).__name__}")
         out.append({"type": "function", "function": {"name": f["name"], "arguments": args},
                     **({"id": c["id"]} if isinstance(c.get("id"), str) else {})})
     return out

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from adapters import apply_lora, lora_layers, targetable_layers
@@ -66,7 +66,8 @@ def load_sharded(path, dtype, device, quantize, lora, cpu_offload=False):
             key = ".".join(c for c in f"{prefix}{name}".split(".") if c not in ("", "base"))  # the checkpoint's name
             if not own or (config.tie_word_embeddings and key == "lm_head"):
                 continue
-            shapes = {"weight": (sub.out_features, sub.in_features), "bias": (sub.out_features,)} if isinstance(sub, nn.Linear) else {}
+            linear = isinstance(sub, nn.Linear)
+            shapes = {"weight": (sub.out_features, sub.in_features), "bias": (sub.out_features,)} if linear else {}
             tensors = {k: read(f"{key}.{k}", shapes.get(k, p.shape)) for k, p in own.items()}
             if quantize and is_nf4_target(key, sub):
                 replace_module(module, name, NF4Linear.from_weight(tensors["weight"], tensors.get("bias")))
@@ -95,26 +96,10 @@ def shard_root(root, cpu_offload=False):
 
 
 @contextmanager
-def no_sync(loss_fn):
-    """Within, backward accumulates gradients without reducing them over ranks: all but the last
-    micro batch of a step. DDP's no_sync, or its FSDP equivalent."""
-    if not isinstance(loss_fn, FSDPModule):
-        with loss_fn.no_sync():
-            yield
-        return
-    loss_fn.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        loss_fn.set_requires_gradient_sync(True)
-
-
-@contextmanager
 def gathered_lora(model, write_back=False):
     """Inside, every rank's LoRA weights are whole ordinary tensors, so save_adapter writes the
     usual PEFT file; on leaving, the shards are put back (with write_back, after taking this rank's
-    piece of what was written into the whole tensors). Every rank must enter: it all-gathers.
-    Without FSDP there is nothing to gather and nothing changes."""
+    piece of what was written into the whole tensors). Every rank must enter: it all-gathers."""
     swapped = []  # (module, attribute, shard)
     for _, layer in lora_layers(model):
         for name, p in list(layer.named_parameters()):

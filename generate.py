@@ -194,7 +194,8 @@ class Chat:
     def __init__(self, model, tokenizer, adapters, sampling, chat=True, system=None, out=sys.stdout,
                  tools=None, enable_thinking=True, calls_only=False):
         self.model, self.tokenizer, self.adapters, self.sampling = model, tokenizer, dict(adapters), sampling
-        self.chat, self.out, self.tools, self.enable_thinking, self.calls_only = chat, out, tools, enable_thinking, calls_only
+        self.chat, self.out, self.tools = chat, out, tools
+        self.enable_thinking, self.calls_only = enable_thinking, calls_only
         self.start = [{"role": "system", "content": system}] if system else []
         self.messages = list(self.start)
         self.active = next(iter(self.adapters), None)  # load() made the first adapter active
@@ -280,8 +281,9 @@ class Chat:
         if stopped:
             print("[stopped]", file=sys.stderr)
             return False
+        decode_tok_s = (stats['new_tokens'] - 1) / max(stats['decode_s'], 1e-9)
         print(f"[prompt {stats['prompt_tokens']} tok at {stats['prompt_tokens'] / stats['prefill_s']:.1f} tok/s, "
-              f"{stats['new_tokens']} new, decoding at {(stats['new_tokens'] - 1) / max(stats['decode_s'], 1e-9):.1f} tok/s]", file=sys.stderr)
+              f"{stats['new_tokens']} new, decoding at {decode_tok_s:.1f} tok/s]", file=sys.stderr)
         return True
 
     def compare(self, prompt):
@@ -382,8 +384,9 @@ def main(argv=None):
                             top_p=args.top_p, seed=args.seed)
             if args.no_think and tokenizer.template != "qwen3":
                 print("generate.py: --no_think: only Qwen3's template turns thinking off; ignored", file=sys.stderr)
+            calls_only = bool(tools and chat and args.prompt is not None)  # a script reads the calls alone
             session = Chat(model, tokenizer, adapters, sampling, chat, args.system, tools=tools,
-                           enable_thinking=not args.no_think, calls_only=bool(tools and chat and args.prompt is not None))
+                           enable_thinking=not args.no_think, calls_only=calls_only)
             if adapters:
                 print(session.describe(), file=sys.stderr)
             if args.prompt is None:

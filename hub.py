@@ -127,7 +127,8 @@ def download(repo_id, local):
             hint = " (gated or private: set HF_TOKEN)" if e.code in (401, 403) else ""
             raise CheckpointError(f"{url}: HTTP {e.code}{hint}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise CheckpointError(f"cannot download {repo_id} from {endpoint()} (offline? {getattr(e, 'reason', e)!r}); "
+            why = getattr(e, "reason", e)
+            raise CheckpointError(f"cannot download {repo_id} from {endpoint()} (offline? {why!r}); "
                                   f"put the checkpoint folder at {local} or pass --model_path DIR") from None
 
     for name in HUB_FILES:

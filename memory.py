@@ -59,7 +59,8 @@ def activation_bytes_per_token(c, b, lora_b, targets, r):
     the adapters'). Counted from what each op saves: norms keep their input (and an fp32 copy in
     bf16), attention keeps q, k, v and its output, SwiGLU keeps gate and up, every adapter keeps
     its input in the adapter's dtype (a copy when that differs) and its r-wide product A x."""
-    C, I, q, kv = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    C, I = c.hidden_size, c.intermediate_size
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     norm = 2 * C * b + (4 * C if b < 4 else 0)  # input, normalized output, fp32 copy
     attention = (2 * q + 2 * kv) * b + q * b  # q, k, v, output; output reshaped for o_proj
     mlp = 3 * I * b  # gate, up, silu(gate) * up (the input of down_proj)
@@ -134,8 +135,8 @@ def estimate_for_run(cfg):
                  cpu_offload=cfg.fsdp_cpu_offload)
     r["settings"] = (f"{cfg.model_path}: {'QLoRA (NF4)' if cfg.load_in_4bit else 'LoRA'}, "
                      f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}, r={cfg.lora_r}, "
-                     f"{'FSDP over ' + str(cfg.world_size) if cfg.fsdp else 'whole model on each of ' + str(cfg.world_size)}"
-                     f" process(es), {cfg.micro_batch_size} x {cfg.max_seq_len} tokens per micro batch, "
+                     f"{'FSDP over' if cfg.fsdp else 'whole model on each of'} {cfg.world_size} process(es), "
+                     f"{cfg.micro_batch_size} x {cfg.max_seq_len} tokens per micro batch, "
                      f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
     r["checkpointing"] = cfg.gradient_checkpointing
     return r
@@ -144,13 +145,15 @@ def estimate_for_run(cfg):
 def format_estimate(r):
     gib = lambda n: f"{n / GiB:10.2f} GiB"
     lines = [f"estimated memory per process, {r['settings']}"]
-    lines += [f"  {k:<32}{gib(r[k])}" for k in ("base nf4", "base bf16", "base fp32", "lora", "grads", "optimizer") if r[k]]
+    held = ("base nf4", "base bf16", "base fp32", "lora", "grads", "optimizer")
+    lines += [f"  {k:<32}{gib(r[k])}" for k in held if r[k]]
     used = "activations (checkpointing)" if r["checkpointing"] else "activations (no checkpointing)"
     for k in ("activations (no checkpointing)", "activations (checkpointing)"):
         lines.append(f"  {k:<32}{gib(r[k])}" + ("  <- this run" if k == used else ""))
     lines.append(f"  {'largest transient':<32}{gib(r['transient'])}  ({r['transient is']})")
     if r["host"]:
-        lines.append(f"  {'total on the device':<32}{gib(r['total'])}  (the weights above in host memory: {gib(r['host']).strip()})")
+        lines.append(f"  {'total on the device':<32}{gib(r['total'])}  "
+                     f"(the weights above in host memory: {gib(r['host']).strip()})")
     else:
         lines.append(f"  {'total':<32}{gib(r['total'])}")
     return "\n".join(lines)

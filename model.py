@@ -390,7 +390,8 @@ def open_checkpoint(path, dtype, device):
     found = {k for k in files if not k.endswith("rotary_emb.inv_freq")} - tied
     for what, keys in (("missing", sorted(expected - found)), ("unexpected", sorted(found - expected))):
         if keys:
-            raise CheckpointError(f"{path}: {what} tensor {keys[0]}" + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""))
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise CheckpointError(f"{path}: {what} tensor {keys[0]}{more}")
 
     def read(key, shape):
         try:

@@ -53,7 +53,8 @@ def read_prompts(path, tokenizer=None):
             raise data.DataError(f"{where}: expected must be a non-empty string (or left out)")
         if unknown := sorted(set(record) - {"prompt", "expected", "tools"}):
             raise data.DataError(f"{where}: unknown key {unknown[0]!r} (only prompt, expected and tools)")
-        prompts.append({"prompt": record["prompt"], "expected": expected, "tools": data.check_tools(record.get("tools"), where)})
+        tools = data.check_tools(record.get("tools"), where)
+        prompts.append({"prompt": record["prompt"], "expected": expected, "tools": tools})
         if prompts[-1]["tools"] and tokenizer is not None and tokenizer.template is not None:
             try:
                 prompt_ids(tokenizer, record["prompt"], prompts[-1]["tools"])
@@ -130,9 +131,11 @@ def table(prompts, before, after, width=112, max_lines=4):
         for c, w in zip(cells, widths):
             lines = textwrap.wrap(c, w) or [""]
             if len(lines) > max_lines:
-                lines = lines[:max_lines - 1] + [textwrap.shorten(" ".join(lines[max_lines - 1:]), w, placeholder=" ...")]
+                rest = textwrap.shorten(" ".join(lines[max_lines - 1:]), w, placeholder=" ...")
+                lines = lines[:max_lines - 1] + [rest]
             wrapped.append(lines)
-        return ["| " + " | ".join(col[i].ljust(w) if i < len(col) else " " * w for col, w in zip(wrapped, widths)) + " |"
+        cell = lambda col, i, w: col[i].ljust(w) if i < len(col) else " " * w
+        return ["| " + " | ".join(cell(col, i, w) for col, w in zip(wrapped, widths)) + " |"
                 for i in range(max(map(len, wrapped)))]
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
@@ -356,7 +359,8 @@ class Observer:
             right_before, checkable = count_right(self.prompts, self.before)
             right_after, _ = count_right(self.prompts, self.last)
             if checkable:
-                print(f"right: base model {right_before}/{checkable}, fine-tuned (step {step}) {right_after}/{checkable}")
+                print(f"right: base model {right_before}/{checkable}, "
+                      f"fine-tuned (step {step}) {right_after}/{checkable}")
         if self.wandb:
             if self.prompts:
                 columns = ["prompt", "expected", "base model", "fine-tuned"]
@@ -367,7 +371,8 @@ class Observer:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Draw loss.svg of a run from its metrics.jsonl, or compare runs on one chart.")
+    p = argparse.ArgumentParser(description="Draw loss.svg of a run from its metrics.jsonl, "
+                                            "or compare runs on one chart.")
     p.add_argument("runs", nargs="+", help="output_dir of a run (holding metrics.jsonl)")
     p.add_argument("-o", "--output", help="with several runs, the chart to write (default: compare.svg)")
     args = p.parse_args(argv)

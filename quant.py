@@ -262,7 +262,8 @@ class NF4Linear(nn.Module):
         self.blocksize, self.double_quant, self.compute_dtype = blocksize, double_quant, compute_dtype
         n = in_features * out_features
         nblocks = math.ceil(n / blocksize)
-        frozen = lambda n, dtype=torch.int32: nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=False)
+        def frozen(n, dtype=torch.int32):
+            return nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=False)
         self.packed = frozen(math.ceil(n / 2), torch.uint8)
         self.absmax = frozen(nblocks, torch.uint8 if double_quant else torch.int32)
         self.nested_absmax = frozen(math.ceil(nblocks / NESTED_BLOCKSIZE)) if double_quant else None

@@ -59,7 +59,8 @@ class Tokenizer:
         # We always encode with add_special_tokens=False and add BOS ourselves, so a chat prompt
         # whose template already writes BOS never gets a second one.
         with_special = self.tok.encode("a", add_special_tokens=True).ids
-        inferred_bos = with_special[0] if len(with_special) > len(self.tok.encode("a", add_special_tokens=False).ids) else None
+        without = self.tok.encode("a", add_special_tokens=False).ids
+        inferred_bos = with_special[0] if len(with_special) > len(without) else None
         if self.bos_id is None:
             self.bos_id = inferred_bos
         self.add_bos = cfg.get("add_bos_token", inferred_bos is not None) and self.bos_id is not None
@@ -294,9 +295,11 @@ def render_llama3(add, bos, system, messages, tools, system_date, add_generation
         add(f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>")
     if tools:
         if not messages or messages[0]["role"] != "user":
-            raise ValueError("Llama 3's chat template puts the tools in the first user turn, and this chat starts without one")
+            raise ValueError("Llama 3's chat template puts the tools in the first user turn, "
+                             "and this chat starts without one")
         schemas = "".join(to_json(t, indent=4) + "\n\n" for t in tools)
-        add(f"<|start_header_id|>user<|end_header_id|>\n\n{LLAMA3_TOOLS}{schemas}{messages[0]['content'].strip()}<|eot_id|>")
+        first = messages[0]["content"].strip()
+        add(f"<|start_header_id|>user<|end_header_id|>\n\n{LLAMA3_TOOLS}{schemas}{first}<|eot_id|>")
         messages = messages[1:]
     for m in messages:
         if m["role"] == "tool":
@@ -321,11 +324,13 @@ def render_mistral_nemo(add, bos, eos, system, messages, tools):
     reply follows [/INST] or [/TOOL_RESULTS])."""
     plain = [m["role"] for m in messages if m["role"] != "tool" and not m.get("tool_calls")]
     if any((role == "user") != (i % 2 == 0) for i, role in enumerate(plain)):
-        raise ValueError("Mistral Nemo's chat template wants user and assistant turns in turn, after an optional system turn")
+        raise ValueError("Mistral Nemo's chat template wants user and assistant turns in turn, "
+                         "after an optional system turn")
     last_user = next((m for m in reversed(messages) if m["role"] == "user"), None)
     add(bos)
     for i, m in enumerate(messages):
-        ids = [c.get("id") for c in m.get("tool_calls") or []] + ([m.get("tool_call_id")] if m["role"] == "tool" else [])
+        ids = [c.get("id") for c in m.get("tool_calls") or []]
+        ids += [m.get("tool_call_id")] if m["role"] == "tool" else []
         if not all(isinstance(id, str) and len(id) == 9 for id in ids):
             raise ValueError("Mistral Nemo's chat template wants a 9-character id on each tool call (id) "
                              "and result (tool_call_id)")

@@ -11,191 +11,39 @@ One optimizer step sees `effective_batch_size` rows: micro batches of `micro_bat
 of the world's processes, accumulated. The loss is the mean over every trained token of the
 step, whatever the split, so 1 process x 4 micro batches and 4 processes x 1 give the same step.
 Ctrl-C or SIGTERM finishes the step, saves a checkpoint and exits with 130 or 143.
+The flags are config.py's TrainConfig; several processes come from distributed.py, and sharding
+with --fsdp from fsdp.py: a run in one process takes neither.
 """
-import argparse
 import json
 import math
-import os
 import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from adapters import apply_lora, count_parameters
+from adapters import apply_lora, trainable_summary
 from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from common import InputError, default_device, default_dtype, exit_on_input_error
+from common import InputError, cpu_threads, default_dtype, exit_on_input_error
+from config import check_same_run, parse_args, read_run_config
 import data
 from data import IGNORE
+import distributed
+from distributed import all_sum
 import fsdp
-from hub import DEFAULT_MODEL, resolve_checkpoint
+from hub import resolve_checkpoint
 from loss import CausalLMLoss, fused_loss_applies
 from model import Transformer
 from observe import Observer, cut_back
 from peft_format import save_adapter
-from tokenizer import TEMPLATES, Tokenizer
+from tokenizer import Tokenizer
 
-
-def flag(default, help, choices=None):
-    """A TrainConfig field; `help` is what `python train.py --help` shows beside --name."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclass
-class TrainConfig:
-    # what to train, on what, and where the results go
-    model_path: str = flag(DEFAULT_MODEL, "checkpoint folder or hub id")
-    data_path: str = flag("data/brannock_chat.jsonl", "training JSONL (messages, ShareGPT, Alpaca or text)")
-    eval_data_path: str = flag(None, "evaluation JSONL")
-    eval_split: float = flag(0.0, "or hold out this fraction of the training rows")
-    output_dir: str = flag("out/lora", "adapter, checkpoints/, train_config.json, metrics.jsonl")
-    # the adapter
-    lora_r: int = flag(16, "rank of A (r, in) and B (out, r)")
-    lora_alpha: float = flag(32.0, "scaling = alpha / r (usually alpha = 2r)")
-    lora_dropout: float = flag(0.05, "dropout on the adapter's input")
-    use_rslora: bool = flag(False, "scaling = alpha / sqrt(r)")
-    use_dora: bool = flag(False, "DoRA: a trained magnitude per output row times LoRA's direction")
-    target_modules: str = flag("all-linear", "all-linear (the blocks' linears) or q_proj,v_proj,... (lm_head, embed_tokens too)")
-    load_in_4bit: bool = flag(False, "QLoRA: NF4-quantize the frozen base")
-    # the schedule
-    num_epochs: int = flag(5, "passes over the training rows")
-    max_steps: int = flag(0, "optimizer steps; 0: num_epochs worth")
-    micro_batch_size: int = flag(4, "rows per forward pass, per process")
-    effective_batch_size: int = flag(8, "rows per optimizer step, all processes together")
-    learning_rate: float = flag(5e-4, "peak learning rate")
-    warmup_steps: int = flag(5, "linear warmup from 0")
-    lr_scheduler: str = flag("cosine", "decay after warmup", ("cosine", "linear", "constant"))
-    weight_decay: float = flag(0.0, "AdamW's decoupled weight decay")
-    max_grad_norm: float = flag(1.0, "clip the gradient norm; 0: no clipping")
-    optimizer: str = flag("adamw", "adamw: 8 bytes of state per trained parameter, one fused kernel on CUDA "
-                          "(the fast one); adamw8bit: 2 bytes, but bitsandbytes waits for the GPU after each "
-                          "tensor (slower); paged_adamw8bit: the same, paged out to host memory under pressure",
-                          ("adamw", "adamw8bit", "paged_adamw8bit"))
-    seed: int = flag(42, "LoRA init, dropout and the order of rows")
-    # the rows
-    max_seq_len: int = flag(512, "longer examples are truncated (and counted)")
-    sample_packing: bool = flag(False, "pack several examples per row")
-    train_on_inputs: bool = flag(False, "learn prompts too, not only replies")
-    chat_template: str = flag(None, "override the detected template", TEMPLATES)
-    # how it is computed
-    precision: str = flag(None, "default: bf16 on CUDA, fp32 on CPU", ("bf16", "fp32"))
-    loss: str = flag("fused", "plain: logits, then cross_entropy; fused: the same in chunks, no full logits "
-                     "(when lm_head has no adapter)", ("fused", "plain"))
-    compile: bool = flag(False, "torch.compile each block: faster steps after the first ones, which compile")
-    gradient_checkpointing: str = flag(None, "recompute blocks in backward: less memory; offload: "
-                                       "their inputs wait in host memory (the longest sequences)", ("on", "offload"))
-    enable_model_splitting: bool = flag(False, "spread layers over the visible GPUs (one process)")
-    fsdp: bool = flag(False, "shard base, adapters, gradients and optimizer states over the processes (FSDP2)")
-    fsdp_cpu_offload: bool = flag(False, "with --fsdp: keep the shards in host memory between uses")
-    # will it fit? print the memory each process needs, then exit
-    estimate_memory: bool = flag(False, "print the estimated memory per process (reads config.json only) and exit")
-    world_size: int = flag(1, "with --estimate_memory: the number of processes")
-    # bookkeeping: may change when resuming
-    eval_every: int = flag(0, "steps between evaluations; 0: at the end only")
-    save_every: int = flag(None, "steps between checkpoints; default: a tenth of the run; 0: none")
-    keep_checkpoints: int = flag(1, "how many of the newest checkpoints to keep; 0: all")
-    log_every: int = flag(1, "steps between lines of metrics.jsonl")
-    resume: bool = flag(False, "continue the run in output_dir, with its own settings")
-    eval_prompts: str = flag(None, 'JSONL of {"prompt", "expected"} (and "tools": expected may be a tool name): '
-                             "greedy answers at each evaluation into samples.jsonl, a before/after table at the end")
-    wandb_project: str = flag(None, "also log metrics.jsonl's records to this Weights & Biases project (pip install wandb)")
-    wandb_run_name: str = flag(None, "the run's name on Weights & Biases (None: one it makes up)")
-
-
-    def targets(self):
-        """--target_modules as apply_lora takes it: "all-linear", or a list of names."""
-        return "all-linear" if self.target_modules == "all-linear" else [t.strip() for t in self.target_modules.split(",")]
-
-    def problem(self):
-        """What is wrong with these settings, as argparse says it ("--flag must be ..."), or None."""
-        bounds = [("lora_r", self.lora_r > 0, "must be positive"),
-                  ("micro_batch_size", self.micro_batch_size > 0, "must be positive"),
-                  ("max_seq_len", self.max_seq_len > 1, "must be at least 2"),
-                  ("learning_rate", self.learning_rate > 0, "must be positive"),
-                  ("eval_split", 0 <= self.eval_split < 1, "must be in [0, 1)"),
-                  ("lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)"),
-                  ("num_epochs", self.num_epochs > 0 or self.max_steps > 0, "must be positive"),
-                  ("world_size", self.world_size > 0, "must be positive")]
-        for name, ok, what in bounds:
-            if not ok:
-                return f"--{name} {what}"
-        fsdp = "do not work with --fsdp yet"
-        exclusions = [
-            (self.eval_data_path and self.eval_split, "--eval_data_path and --eval_split exclude each other"),
-            (self.fsdp and self.enable_model_splitting,
-             "--fsdp and --enable_model_splitting exclude each other (FSDP spreads the model over processes)"),
-            (self.fsdp_cpu_offload and not self.fsdp, "--fsdp_cpu_offload needs --fsdp"),
-            # both start from the frozen weight (DoRA's magnitude is its row norms), which --fsdp
-            # reads only after the adapters are made
-            (self.fsdp and (self.use_dora or "embed_tokens" in self.target_modules),
-             f"--use_dora and an embed_tokens target {fsdp}"),
-            # rank 0 generates alone, and a sharded model needs every rank
-            (self.fsdp and self.eval_prompts, f"--eval_prompts {fsdp}: use it in a run without --fsdp"),
-            (self.fsdp and self.compile, f"--compile and --fsdp {fsdp}: compiling FSDP's hooks is untested here"),
-            (self.fsdp and self.optimizer != "adamw", f"--optimizer {self.optimizer}: bitsandbytes' 8-bit optimizers "
-             "do not take sharded parameters; use adamw with --fsdp")]
-        return next((what for bad, what in exclusions if bad), None)
-
-
-# Settings that do not change what a run computes: --resume may be given new values for these.
-BOOKKEEPING = {"eval_every", "save_every", "keep_checkpoints", "log_every", "gradient_checkpointing", "compile", "output_dir",
-               "resume", "eval_prompts", "wandb_project", "wandb_run_name", "fsdp_cpu_offload", "estimate_memory",
-               "world_size"}
-
-
-def parse_args(argv=None):
-    """TrainConfig from the command line; with --resume, unset flags come from the run's train_config.json."""
-    # Defaults are suppressed so that `given` holds only the flags actually typed.
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
-    for f in fields(TrainConfig):
-        # "(default: False)" says nothing; what None means is in the help text itself
-        default = "" if f.default in (None, False) else f" (default: {f.default})"
-        kw = {"help": f.metadata["help"] + default}
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action="store_true", **kw)
-        elif f.name == "gradient_checkpointing":  # --gradient_checkpointing alone means "on"
-            p.add_argument(f"--{f.name}", nargs="?", const="on", choices=f.metadata["choices"], **kw)
-        else:
-            p.add_argument(f"--{f.name}", type=f.type, choices=f.metadata["choices"], **kw)
-    given = vars(p.parse_args(argv))
-    saved = read_run_config(Path(given.get("output_dir", TrainConfig.output_dir))) if given.get("resume") else {}
-    cfg = TrainConfig(**{**saved, **given})
-    if problem := cfg.problem():
-        p.error(problem)
-    return cfg
-
-
-def read_run_config(out):
-    """The TrainConfig fields a run in `out` was started with (its train_config.json)."""
-    path = out / "train_config.json"
-    if not path.exists():
-        raise InputError(f"--resume: no run to continue in {out} (no train_config.json)")
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    names = {f.name for f in fields(TrainConfig)} - {"output_dir", "resume"}
-    return {k: v for k, v in saved.items() if k in names}
-
-
-def check_same_run(cfg, saved, say):
-    """--resume continues the run as it was started: a setting that changes it is refused."""
-    for name, was in saved.items():
-        now = getattr(cfg, name)
-        if now == was:
-            continue
-        if name not in BOOKKEEPING:
-            raise InputError(f"--{name} {now}: this run was started with {was} "
-                             f"({cfg.output_dir}/train_config.json); --resume continues the same run")
-        say(f"resume: --{name} {now} (was {was})")
 
 
 # --- one optimizer step ------------------------------------------------------------------------
@@ -230,7 +78,7 @@ def forward_backward(loss_fn, micro, world=1):
     for i, b in enumerate(micro):
         # DDP all-reduces gradients in backward: only the last micro batch of the step needs it
         sync = i == len(micro) - 1 or world == 1
-        with fsdp.no_sync(loss_fn) if not sync else nullcontext():
+        with distributed.no_sync(loss_fn) if not sync else nullcontext():
             loss = loss_fn(b["input_ids"], b["targets"], b["position_ids"], b["doc_ids"], b["keep"])
             (loss * (world / n_targets)).backward()  # DDP averages over ranks: * world makes it a sum
         loss_sum = loss_sum + loss.detach()
@@ -257,64 +105,11 @@ def batch_to(b, device):
     copies come from pinned memory and do not block: the host runs ahead to the next kernels."""
     b = dict(b, keep=(b["targets"].view(-1) != IGNORE).nonzero().squeeze(1))
     cuda = torch.device(device).type == "cuda"
-    return {k: None if v is None else (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) for k, v in b.items()}
+    return {k: None if v is None else (v.pin_memory() if cuda else v).to(device, non_blocking=cuda)
+            for k, v in b.items()}
 
 
 # --- setup -------------------------------------------------------------------------------------
-
-# On GPUs, NCCL for CUDA tensors and gloo for CPU ones: the step's counts are summed on the host,
-# and FSDP's offloaded shards and gradients are CPU DTensors (clip_grad_norm_, full_tensor()).
-BACKEND = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
-
-
-def setup_distributed(fsdp=False):
-    """rank, world size, device: torchrun's environment if present, else one process (which FSDP
-    still runs as a process group of one)."""
-    if "RANK" not in os.environ:
-        if fsdp:
-            dist.init_process_group(BACKEND, store=dist.HashStore(), rank=0, world_size=1)
-        return 0, 1, torch.device(default_device())
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(BACKEND, device_id=device if device.type == "cuda" else None)
-    return rank, world, device
-
-
-def runnable_now(loadavg="/proc/loadavg", samples=5, interval=0.02):
-    """Threads running or waiting for a core right now, this one included: the 4th field of
-    /proc/loadavg ("1/80": runnable/all), the least of a few samples 20 ms apart, so that a
-    passing command is not counted. (Not the load average: it lags by minutes, and still counts
-    a run that has just finished.)"""
-    counts = []
-    for i in range(samples):
-        with open(loadavg) as f:
-            counts.append(int(f.read().split()[3].split("/")[0]))
-        if i < samples - 1:
-            time.sleep(interval)
-    return min(counts)
-
-
-def cpu_threads():
-    """Threads for training on the CPU: torch's default (one per core) less the cores that other
-    processes keep busy now. Threads that outnumber the free cores spin-wait on each other (GNU
-    OpenMP's default), and two runs sharing cores can each go many times slower than with fewer
-    threads. OMP_NUM_THREADS, when set, decides; without /proc (macOS, Windows), torch's default."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads()
-    try:
-        busy = runnable_now() - 1  # less this process's own thread
-    except (OSError, ValueError, IndexError):
-        return torch.get_num_threads()
-    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
-
-
-def all_sum(x, world):
-    if world > 1:
-        dist.all_reduce(x)
-    return x
-
 
 def check_output_dir(cfg, out, say):
     """The checkpoint to resume from (or None); an earlier run is never overwritten."""
@@ -358,13 +153,12 @@ def load_data(cfg, tokenizer, say):
 def build_model(cfg, path, device, world, verbose):
     """The frozen base (NF4 with --load_in_4bit) in the run's precision, with LoRA adapters."""
     dtype = {None: default_dtype(device), "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
-    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.targets(), use_rslora=cfg.use_rslora,
-                use_dora=cfg.use_dora)
+    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.targets(),
+                use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
     if cfg.fsdp:  # read block by block, each sharded before the next is read
         model = fsdp.load_sharded(path, dtype, device, cfg.load_in_4bit, lora, cfg.fsdp_cpu_offload)
         if verbose:
-            trainable, total = count_parameters(model)
-            print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+            print(trainable_summary(model))
         return model.enable_gradient_checkpointing(cfg.gradient_checkpointing).train()
     model = Transformer.from_pretrained(path, dtype=dtype, device=device, quantize="nf4" if cfg.load_in_4bit else None)
     if cfg.enable_model_splitting:
@@ -385,10 +179,7 @@ def make_loss(cfg, model, world, device):
     loss_fn = CausalLMLoss(model, fused=cfg.loss == "fused" and fused_loss_applies(model))
     if cfg.fsdp:
         return fsdp.shard_root(loss_fn, cfg.fsdp_cpu_offload)
-    if world == 1:
-        return loss_fn
-    on_cuda = torch.device(device).type == "cuda"
-    return nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device] if on_cuda else None)
+    return loss_fn if world == 1 else distributed.ddp(loss_fn, device)
 
 
 def start_output(out, cfg, step):
@@ -463,7 +254,7 @@ def train(cfg, rank=0, world=1, device="cpu"):
     # resume: adapter weights, optimizer state, RNG state and step from the newest checkpoint
     step = 0
     if resume_from is not None:
-        step = load_checkpoint(resume_from, model, optimizer)["step"]
+        step = load_checkpoint(resume_from, model, optimizer, sharded=cfg.fsdp)["step"]
         say(f"resumed from {resume_from} (step {step})")
     if rank == 0:
         start_output(out, cfg, step)
@@ -485,7 +276,7 @@ def train(cfg, rank=0, world=1, device="cpu"):
                 group["lr"] = lr
             loss = forward_backward(loss_fn, micro, world)
             grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            if isinstance(grad_norm, DTensor):  # FSDP: the same norm on every rank, replicated
+            if cfg.fsdp:  # a DTensor: the same norm on every rank, replicated
                 grad_norm = grad_norm.full_tensor()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -499,7 +290,8 @@ def train(cfg, rank=0, world=1, device="cpu"):
             # Ctrl-C / SIGTERM reached any rank (summed over ranks on the host)
             dt = time.perf_counter() - t0
             n_tokens = sum(len(rows[i]["input_ids"]) for b in idx for i in b)
-            n_tokens, signals = all_sum(torch.tensor([n_tokens, stop["signal"] is not None], dtype=torch.float64), world).tolist()
+            counts = torch.tensor([n_tokens, stop["signal"] is not None], dtype=torch.float64)
+            n_tokens, signals = all_sum(counts, world).tolist()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
             record = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=round(loss, 6), lr=lr,
@@ -524,33 +316,32 @@ def train(cfg, rank=0, world=1, device="cpu"):
             # checkpoint: every save_every steps, and when Ctrl-C / SIGTERM reached any rank
             interrupted = signals > 0
             if interrupted or (save_every and step % save_every == 0 and step < total_steps):
-                save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch}, cfg.keep_checkpoints)
+                save_checkpoint(out, model, optimizer, {"step": step, "epoch": epoch}, cfg.keep_checkpoints,
+                                sharded=cfg.fsdp)
             if interrupted:
-                if world > 1:
-                    dist.barrier()  # the checkpoint is written before any rank leaves
+                distributed.barrier(world)  # the checkpoint is written before any rank leaves
                 raise Interrupted(stop["signal"] or signal.SIGTERM,
                                   f"interrupted: saved {out}/checkpoints/step-{step}; "
                                   f"continue with: python train.py --output_dir {out} --resume")
 
     # the adapter, in PEFT's format
-    with fsdp.gathered_lora(model):
+    with fsdp.gathered_lora(model) if cfg.fsdp else nullcontext():  # FSDP: the shards gathered whole
         if rank == 0:
             save_adapter(model, out, base_model_name_or_path=cfg.model_path)
     observer.finish(step)
     say(f"adapter saved to {out} ({step} steps, {time.perf_counter() - t_start:.0f} s)")
-    if world > 1:
-        dist.barrier()  # no rank tears the process group down while rank 0 still writes
+    distributed.barrier(world)  # no rank tears the process group down while rank 0 still writes
     return model
 
 
 def main(argv=None):
     with exit_on_input_error("train.py"):
-        cfg = parse_args(argv)
+        cfg = parse_args(argv, __doc__)
         if cfg.estimate_memory:
             import memory
             print(memory.format_estimate(memory.estimate_for_run(cfg)))
             return
-    rank, world, device = setup_distributed(cfg.fsdp)
+    rank, world, device = distributed.setup(cfg.fsdp)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for --precision fp32; bf16 runs are the same
     threads = cpu_threads()

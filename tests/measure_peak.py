@@ -12,7 +12,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
+from config import parse_args  # noqa: E402
+import distributed  # noqa: E402
 import memory  # noqa: E402
 import train  # noqa: E402
 
@@ -22,8 +25,8 @@ def resident(key):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
 
-cfg = train.parse_args(sys.argv[2:])
-rank, world, device = train.setup_distributed(cfg.fsdp)
+cfg = parse_args(sys.argv[2:])
+rank, world, device = distributed.setup(cfg.fsdp)
 train.train(dataclasses.replace(cfg, model_path=sys.argv[1], output_dir=f"{cfg.output_dir}-warmup{rank}"), rank, world, device)
 if device.type == "cuda":  # the device's memory: what the estimate is for
     torch.cuda.reset_peak_memory_stats()
@@ -43,4 +46,4 @@ if rank == 0:
     estimate = memory.estimate_for_run(dataclasses.replace(cfg, world_size=world, precision=precision))
     sys.stdout.write(f"estimate {estimate['total']}\n")
 if world > 1 or cfg.fsdp:
-    train.dist.destroy_process_group()
+    dist.destroy_process_group()

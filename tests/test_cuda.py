@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from adapters import apply_lora
+from config import TrainConfig
 from conftest import ROOT, chat, make_tiny_checkpoint, tiny_config, write_jsonl
 from generate import generate
 from model import Transformer
@@ -316,9 +317,7 @@ def one_step(cfg, path, rows):
 def test_a_warmed_up_training_step_never_waits_for_the_gpu(tiny_checkpoint, flags):
     # Between the step's start and its one read of (loss, grad_norm), no operation synchronizes
     # the host with the GPU: torch raises on any (a .item(), a boolean mask, a pageable copy).
-    import train
-
-    cfg = train.TrainConfig(model_path=str(tiny_checkpoint), lora_r=8, lora_alpha=16, **flags)
+    cfg = TrainConfig(model_path=str(tiny_checkpoint), lora_r=8, lora_alpha=16, **flags)
     step, _ = one_step(cfg, tiny_checkpoint, TINY)
     step()  # warm-up: allocations, the optimizer's states, lazy initializations
     torch.cuda.synchronize()
@@ -331,9 +330,7 @@ def test_a_warmed_up_training_step_never_waits_for_the_gpu(tiny_checkpoint, flag
 
 
 def test_fused_adamw_is_the_default_on_cuda(tiny_checkpoint):
-    import train
-
-    _, optimizer = one_step(train.TrainConfig(model_path=str(tiny_checkpoint)), tiny_checkpoint, TINY)
+    _, optimizer = one_step(TrainConfig(model_path=str(tiny_checkpoint)), tiny_checkpoint, TINY)
     assert optimizer.defaults["fused"] is True
 
 
@@ -409,10 +406,9 @@ def test_peak_memory_of_a_step_is_within_the_estimate(small_checkpoint, tmp_path
     # --estimate_memory's total for a small QLoRA run bounds the measured peak allocated memory of
     # its training steps (after loading: the peak statistics reset once the model is built), +15%.
     import memory
-    import train
 
-    cfg = train.TrainConfig(model_path=str(small_checkpoint), load_in_4bit=True, micro_batch_size=2, max_seq_len=256,
-                            gradient_checkpointing="on")
+    cfg = TrainConfig(model_path=str(small_checkpoint), load_in_4bit=True, micro_batch_size=2, max_seq_len=256,
+                      gradient_checkpointing="on")
     step, _ = one_step(cfg, small_checkpoint, TINY * 2)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -10,14 +10,16 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-import data
-import train
+from config import parse_args
 from conftest import ROOT, chat, tiny_config, write_jsonl, write_tiny_tokenizer
+import data
 from test_model import write_checkpoint
 from test_train import TINY, config, losses, max_error
+import train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone"]
@@ -55,9 +57,9 @@ def spawn(worker, tmp_path, *args):
 
 
 def join_group(rank, tmp_path):
-    """rank, world size, device, as train.setup_distributed returns them under torchrun."""
+    """rank, world size, device, as distributed.setup returns them under torchrun."""
     torch.set_num_threads(1)
-    train.dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=rank, world_size=2)
     return rank, 2, torch.device("cpu")
 
 
@@ -97,7 +99,7 @@ def test_fsdp_without_torchrun_is_a_world_of_one(tiny, tmp_path):
             "--micro_batch_size", "2", "--effective_batch_size", "4", "--num_epochs", "1", "--save_every", "0",
             "--seed", "0", "--fsdp"]
     train.main(argv)
-    assert not train.dist.is_initialized(), "the group of one is torn down"
+    assert not dist.is_initialized(), "the group of one is torn down"
     plain, sharded = adapter(tmp_path / "plain"), adapter(tmp_path / "fsdp")
     assert plain.keys() == sharded.keys() and all(torch.equal(plain[k], sharded[k]) for k in plain)
 
@@ -110,7 +112,7 @@ def test_fsdp_without_torchrun_is_a_world_of_one(tiny, tmp_path):
 ])
 def test_bad_fsdp_flags_are_one_line_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
-        train.parse_args(flags)
+        parse_args(flags)
     err = capsys.readouterr().err  # argparse's usage, then one line: "<program>: error: <message>"
     assert e.value.code == 2 and f"error: {message}" in err.splitlines()[-1]
 
@@ -135,7 +137,7 @@ def _resume_worker(rank, tmp_path, base):
         pass
     data.step_batches = real
     train.train(cfg("cut", resume=True), rank, world, device)
-    train.dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 def test_fsdp_resume_after_interruption_gives_the_same_adapter(tiny, tmp_path):
@@ -174,8 +176,8 @@ def _nf4_worker(rank, tmp_path):
                     "same_weight": torch.equal(layer.dequantize(), expected),
                     "same_output": torch.equal(layer(torch.ones(3, 70)), torch.ones(3, 70) @ expected.T)},
                    tmp_path / "result.pt")
-    train.dist.barrier()  # neither rank tears the group down while the other still uses it
-    train.dist.destroy_process_group()
+    dist.barrier()  # neither rank tears the group down while the other still uses it
+    dist.destroy_process_group()
 
 
 def test_nf4_storage_sharded_and_gathered_dequantizes_as_before(tmp_path):

@@ -19,12 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 from common import CheckpointError
+from config import TrainConfig
+from conftest import ROOT, SMOLLM2
 import gguf_export
 import merge
-import train
-from conftest import ROOT, SMOLLM2
 from model import Config, Transformer
 from test_model import write_checkpoint
+import train
 
 gguf = pytest.importorskip("gguf")  # the reference reader and quantizer (test-only)
 
@@ -212,9 +213,9 @@ def exported(tmp_path_factory):
     if not (SMOLLM2 / "model.safetensors").exists():
         pytest.skip(f"SmolLM2 checkpoint not found at {SMOLLM2}")
     tmp = tmp_path_factory.mktemp("export")
-    train.train(train.TrainConfig(model_path=str(SMOLLM2), data_path=str(ROOT / "data" / "brannock_chat.jsonl"),
-                                  output_dir=str(tmp / "lora"), max_steps=2, micro_batch_size=2, effective_batch_size=2,
-                                  max_seq_len=96, learning_rate=1e-2, save_every=0))
+    train.train(TrainConfig(model_path=str(SMOLLM2), data_path=str(ROOT / "data" / "brannock_chat.jsonl"),
+                            output_dir=str(tmp / "lora"), max_steps=2, micro_batch_size=2, effective_batch_size=2,
+                            max_seq_len=96, learning_rate=1e-2, save_every=0))
     merge.main(["--model_path", str(SMOLLM2), "--adapter_path", str(tmp / "lora"), "--output_dir", str(tmp / "merged"),
                 "--gguf", "f16"])
     return tmp / "merged", gguf.GGUFReader(tmp / "merged" / "model-f16.gguf")

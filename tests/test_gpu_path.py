@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from adapters import apply_lora, lora_layers
+from config import TrainConfig
 from conftest import chat, tiny_config, write_jsonl
 from dora import DoRAEmbedding, DoRALinear
 from lora import AdapterSettings, LoRAEmbedding, LoRALinear
@@ -172,8 +173,8 @@ def test_compiled_blocks_give_the_loss_and_gradients_of_eager(tiny_checkpoint, f
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        cfg = train.TrainConfig(model_path=str(tiny_checkpoint), lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                                compile=compiled, **flags)
+        cfg = TrainConfig(model_path=str(tiny_checkpoint), lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                          compile=compiled, **flags)
         m = train.build_model(cfg, tiny_checkpoint, "cpu", 1, verbose=False)
         for _, layer in lora_layers(m):
             nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
@@ -189,10 +190,10 @@ def test_bf16_training_run_on_cpu_keeps_fp32_adapters_and_optimizer_states(tiny_
     # train.py --precision bf16 through the same code a GPU runs: it learns, and the adapter it
     # saves, and the AdamW moments in its checkpoint, are fp32.
     out = tmp_path / "out"
-    cfg = train.TrainConfig(model_path=str(tiny_checkpoint), data_path=str(write_jsonl(tmp_path / "t.jsonl", TINY)),
-                            output_dir=str(out), micro_batch_size=2, effective_batch_size=4, num_epochs=10,
-                            learning_rate=1e-2, lora_r=4, lora_alpha=8, precision="bf16", use_dora=True,
-                            save_every=5, keep_checkpoints=0)
+    cfg = TrainConfig(model_path=str(tiny_checkpoint), data_path=str(write_jsonl(tmp_path / "t.jsonl", TINY)),
+                      output_dir=str(out), micro_batch_size=2, effective_batch_size=4, num_epochs=10,
+                      learning_rate=1e-2, lora_r=4, lora_alpha=8, precision="bf16", use_dora=True,
+                      save_every=5, keep_checkpoints=0)
     train.train(cfg)
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert losses[-1] < 0.5 * losses[0], losses

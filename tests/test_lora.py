@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from adapters import (apply_lora, count_parameters, disable_adapters, lora_layers, merge_and_unload, merge_lora,
                       set_adapter, unmerge_lora)
+from config import TrainConfig
 from conftest import tiny_config
 from lora import AdapterSettings, LoRAError, LoRALinear
 from model import Transformer
@@ -904,10 +905,10 @@ def test_train_py_use_dora_trains_and_saves_a_dora_adapter(tiny_checkpoint, tmp_
 
     rows = [chat(f"w{i} w{i + 1}", f"w{i + 20} w{i + 40}") for i in range(8)]
     out = tmp_path / "out"
-    cfg = train.TrainConfig(model_path=str(tiny_checkpoint), data_path=str(write_jsonl(tmp_path / "t.jsonl", rows)),
-                            output_dir=str(out), lora_r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True,
-                            target_modules="q_proj,v_proj,embed_tokens", learning_rate=1e-2, warmup_steps=0,
-                            micro_batch_size=4, effective_batch_size=4, max_steps=6, save_every=0, seed=0)
+    cfg = TrainConfig(model_path=str(tiny_checkpoint), data_path=str(write_jsonl(tmp_path / "t.jsonl", rows)),
+                      output_dir=str(out), lora_r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True,
+                      target_modules="q_proj,v_proj,embed_tokens", learning_rate=1e-2, warmup_steps=0,
+                      micro_batch_size=4, effective_batch_size=4, max_steps=6, save_every=0, seed=0)
     train.train(cfg)
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert losses[-1] < losses[0]

@@ -12,11 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
-import train
-from loss import CausalLMLoss, LinearCrossEntropy, token_loss
-from conftest import ROOT, chat, write_jsonl
+import common
 from common import InputError
+from config import TrainConfig, parse_args
+from conftest import ROOT, chat, write_jsonl
+import data
+from loss import CausalLMLoss, LinearCrossEntropy, token_loss
+import train
 
 # Eight examples of word-level "chat" for the tiny model: the reply is a fixed function of the question.
 TINY = [chat(f"w{i} w{i + 1}", f"w{i + 20} w{i + 40} w{i + 60}") for i in range(8)]
@@ -26,7 +28,7 @@ def config(ckpt, tmp_path, **kw):
     d = dict(model_path=str(ckpt), data_path=str(write_jsonl(tmp_path / "train.jsonl", TINY)),
              output_dir=str(tmp_path / "out"), lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-2,
              warmup_steps=2, micro_batch_size=2, effective_batch_size=4, num_epochs=3, save_every=0, seed=0)
-    return train.TrainConfig(**{**d, **kw})
+    return TrainConfig(**{**d, **kw})
 
 
 def losses(out):
@@ -157,7 +159,7 @@ def test_packing_changes_nothing_but_the_layout(tiny_checkpoint, tmp_path):
 
 
 def test_lr_schedule():
-    cfg = train.TrainConfig(learning_rate=1.0, warmup_steps=4, lr_scheduler="cosine")
+    cfg = TrainConfig(learning_rate=1.0, warmup_steps=4, lr_scheduler="cosine")
     assert [train.lr_at(s, cfg, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert abs(train.lr_at(9, cfg, 14) - 0.5) < 1e-9 and train.lr_at(14, cfg, 14) < 1e-9
     cfg.lr_scheduler = "linear"
@@ -245,19 +247,19 @@ def test_resume_continues_the_same_run(tiny_checkpoint, tmp_path, monkeypatch, c
         train.train(cfg)
     monkeypatch.undo()
     out = str(tmp_path / "out")
-    resumed = train.parse_args(["--output_dir", out, "--resume"])
-    assert resumed == train.TrainConfig(**{**vars(cfg), "resume": True})
+    resumed = parse_args(["--output_dir", out, "--resume"])
+    assert resumed == TrainConfig(**{**vars(cfg), "resume": True})
 
     for flags, message in [(["--learning_rate", "0.5"], "--learning_rate 0.5: this run was started with 0.01"),
                            (["--lr_scheduler", "cosine"], "--lr_scheduler cosine: this run was started with linear"),
                            (["--lora_r", "4"], "--lora_r 4: this run was started with 8"),
                            (["--data_path", str(tmp_path / "other.jsonl")], "--data_path")]:
         with pytest.raises(InputError, match=message):
-            train.train(train.parse_args(["--output_dir", out, "--resume", *flags]))
+            train.train(parse_args(["--output_dir", out, "--resume", *flags]))
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-2", "step-3"]
 
     capsys.readouterr()
-    train.train(train.parse_args(["--output_dir", out, "--resume", "--save_every", "5", "--log_every", "2"]))
+    train.train(parse_args(["--output_dir", out, "--resume", "--save_every", "5", "--log_every", "2"]))
     printed = capsys.readouterr().out
     assert "resume: --save_every 5 (was 2)" in printed and "resume: --log_every 2 (was 1)" in printed
     assert [r["step"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())] == \
@@ -269,8 +271,7 @@ def test_by_default_a_run_checkpoints_every_tenth_of_it_and_keeps_the_newest(tin
     # 30 steps: a checkpoint every 3 steps (none at the end: the adapter is saved then), one kept.
     written = []
     real = train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda out, m, o, state, keep: written.append(state["step"]) or
-                        real(out, m, o, state, keep))
+    monkeypatch.setattr(train, "save_checkpoint", lambda *a, **k: written.append(a[3]["step"]) or real(*a, **k))
     train.train(config(tiny_checkpoint, tmp_path, num_epochs=15, save_every=None))
     assert written == list(range(3, 30, 3))
     assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-27"]
@@ -333,20 +334,20 @@ def test_cpu_threads_leave_the_cores_busy_now_alone(monkeypatch, tmp_path):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     loadavg = tmp_path / "loadavg"
     loadavg.write_text("3.90 3.10 2.00 1/80 4242\n")
-    assert train.runnable_now(loadavg, samples=1) == 1
+    assert common.runnable_now(loadavg, samples=1) == 1
     samples = iter(["0.1 0.1 0.1 5/80 1", "0.1 0.1 0.1 2/80 1", "0.1 0.1 0.1 6/80 1"])
     with monkeypatch.context() as m:
-        m.setattr(train, "open", lambda path: io.StringIO(next(samples)), raising=False)  # train's open only
-        assert train.runnable_now(samples=3, interval=0) == 2
-    monkeypatch.setattr(train, "runnable_now", lambda: 1)
-    assert train.cpu_threads() == 4
-    monkeypatch.setattr(train, "runnable_now", lambda: 4)
-    assert train.cpu_threads() == 1
-    monkeypatch.setattr(train, "runnable_now", lambda: (_ for _ in ()).throw(FileNotFoundError("/proc/loadavg")))
-    assert train.cpu_threads() == 4
-    monkeypatch.setattr(train, "runnable_now", lambda: 4)
+        m.setattr(common, "open", lambda path: io.StringIO(next(samples)), raising=False)  # common's open only
+        assert common.runnable_now(samples=3, interval=0) == 2
+    monkeypatch.setattr(common, "runnable_now", lambda: 1)
+    assert common.cpu_threads() == 4
+    monkeypatch.setattr(common, "runnable_now", lambda: 4)
+    assert common.cpu_threads() == 1
+    monkeypatch.setattr(common, "runnable_now", lambda: (_ for _ in ()).throw(FileNotFoundError("/proc/loadavg")))
+    assert common.cpu_threads() == 4
+    monkeypatch.setattr(common, "runnable_now", lambda: 4)
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    assert train.cpu_threads() == 4
+    assert common.cpu_threads() == 4
 
 
 def test_written_atomically_leaves_the_old_folder_after_a_failure(tmp_path):
@@ -449,8 +450,8 @@ def test_real_model_learns_invented_facts(smollm2, tmp_path):
     expected = [a for _, a in FACTS]
     assert not any(a == e for a, e in zip(answers(), expected))
     data_path = write_jsonl(tmp_path / "facts.jsonl", [chat(q, a) for q, a in FACTS])
-    cfg = train.TrainConfig(model_path=str(smollm2), data_path=str(data_path), output_dir=str(tmp_path / "out"),
-                            micro_batch_size=3, effective_batch_size=3, num_epochs=12, learning_rate=1e-3,
-                            warmup_steps=2, lora_dropout=0.0, save_every=0)
+    cfg = TrainConfig(model_path=str(smollm2), data_path=str(data_path), output_dir=str(tmp_path / "out"),
+                      micro_batch_size=3, effective_batch_size=3, num_epochs=12, learning_rate=1e-3,
+                      warmup_steps=2, lora_dropout=0.0, save_every=0)
     train.train(cfg)
     assert answers(str(tmp_path / "out")) == expected

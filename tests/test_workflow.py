@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from adapters import apply_lora, lora_layers, merge_and_unload
 from common import InputError
+from config import TrainConfig
 from conftest import ROOT, chat, tiny_config, write_jsonl
 from generate import load
 from merge import checkpoint_dtype, merge
@@ -61,9 +62,9 @@ TINY = [chat(f"w{i} w{i + 1}", f"w{i + 20} w{i + 40}") for i in range(4)]
 @pytest.fixture
 def qlora_adapter(tiny_checkpoint, tmp_path):
     out = tmp_path / "qlora"
-    train.train(train.TrainConfig(model_path=str(tiny_checkpoint), data_path=str(write_jsonl(tmp_path / "d.jsonl", TINY)),
-                                  output_dir=str(out), load_in_4bit=True, micro_batch_size=2, effective_batch_size=4,
-                                  num_epochs=3, learning_rate=1e-2, save_every=0, lora_dropout=0.0))
+    train.train(TrainConfig(model_path=str(tiny_checkpoint), data_path=str(write_jsonl(tmp_path / "d.jsonl", TINY)),
+                            output_dir=str(out), load_in_4bit=True, micro_batch_size=2, effective_batch_size=4,
+                            num_epochs=3, learning_rate=1e-2, save_every=0, lora_dropout=0.0))
     return out
 
 

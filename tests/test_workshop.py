@@ -11,11 +11,12 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
+from config import TrainConfig, parse_args
+from conftest import ROOT, chat, write_jsonl
 import data
 import observe
-import train
-from conftest import ROOT, chat, write_jsonl
 from tokenizer import Tokenizer
+import train
 
 # Word-level "chat" for the tiny model (tests/conftest.py): the reply is a fixed function of the question.
 TINY = [chat(f"w{i} w{i + 1}", f"w{i + 20} w{i + 40} w{i + 60}") for i in range(8)]
@@ -26,7 +27,7 @@ def config(ckpt, tmp_path, **kw):
     d = dict(model_path=str(ckpt), data_path=str(write_jsonl(tmp_path / "train.jsonl", TINY)),
              output_dir=str(tmp_path / "out"), lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-2,
              warmup_steps=2, micro_batch_size=2, effective_batch_size=4, num_epochs=3, save_every=0, seed=0)
-    return train.TrainConfig(**{**d, **kw})
+    return TrainConfig(**{**d, **kw})
 
 
 def jsonl(path):
@@ -145,13 +146,13 @@ def test_resume_keeps_the_samples_up_to_the_checkpoint(tiny_checkpoint, tmp_path
     whole = config(tiny_checkpoint, tmp_path, num_epochs=4, eval_every=3, eval_prompts=str(prompts),
                    output_dir=str(tmp_path / "whole"))
     train.train(whole)
-    cut = train.TrainConfig(**{**vars(whole), "output_dir": str(tmp_path / "cut")})
+    cut = TrainConfig(**{**vars(whole), "output_dir": str(tmp_path / "cut")})
     interrupt_during_step(monkeypatch, 4)
     with pytest.raises(train.Interrupted):
         train.train(cut)
     monkeypatch.undo()
     assert [s["step"] for s in jsonl(tmp_path / "cut" / "samples.jsonl")] == [0, 3]
-    train.train(train.TrainConfig(**{**vars(cut), "resume": True}))
+    train.train(TrainConfig(**{**vars(cut), "resume": True}))
     assert jsonl(tmp_path / "cut" / "samples.jsonl") == jsonl(tmp_path / "whole" / "samples.jsonl")
     # the same curve (the title names the folder)
     assert (tmp_path / "cut" / "loss.svg").read_text().replace("/cut:", "/whole:") == (tmp_path / "whole" / "loss.svg").read_text()
@@ -438,7 +439,7 @@ def test_workshop_names_real_flags_functions_and_tests():
     commands = re.findall(r"^python train.py (.*)$", text, re.M)
     assert len(commands) == 5
     for args in commands:
-        train.parse_args(shlex.split(args))
+        parse_args(shlex.split(args))
     names = {n for n in re.findall(r"`((?:data|lora|model|observe|quant|train)\.[A-Za-z_][A-Za-z_.]*)`", text)
              if not n.endswith(".py")}
     assert len(names) >= 10
