@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from dora import DoRAEmbedding, DoRALinear
+from common import replace_module
 from lora import AdapterSettings, LoRAEmbedding, LoRAError, LoRALayer, LoRALinear
-from model import replace_module
 
 
 def lora_layers(model):

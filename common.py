@@ -1,6 +1,6 @@
 """What every script shares, kept out of model.py so that model.py opens with the model: the
 errors that end a script with one line, the default device and dtype, how many CPU threads
-to train with, and atomic writes.
+to train with, a module swapped by name, and atomic writes.
 """
 import os
 import shutil
@@ -67,6 +67,12 @@ def cpu_threads():
     except (OSError, ValueError, IndexError):
         return torch.get_num_threads()
     return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
+
+
+def replace_module(root, name, module):
+    """Put `module` in place of root's submodule `name` ("model.layers.0.mlp.up_proj")."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent), child, module)
 
 
 @contextmanager

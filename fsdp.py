@@ -27,7 +27,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from adapters import apply_lora, lora_layers, targetable_layers
-from model import open_checkpoint, replace_module, rope_inv_freq
+from common import replace_module
+from model import open_checkpoint, rope_inv_freq
 from quant import NF4Linear, is_nf4_target
 
 

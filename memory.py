@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from adapters import apply_lora, lora_layers
+from common import replace_module
 from hub import read_config
 from model import Transformer
 from quant import NF4Linear, is_nf4_target
@@ -40,9 +41,8 @@ def meta_model(config, dtype, quantize, lora):
     if quantize:
         for name, m in list(model.named_modules()):
             if is_nf4_target(name, m):
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child,
-                        NF4Linear(m.in_features, m.out_features, m.bias is not None, compute_dtype=dtype, device="meta"))
+                replace_module(model, name, NF4Linear(m.in_features, m.out_features, m.bias is not None,
+                                                      compute_dtype=dtype, device="meta"))
     apply_lora(model, verbose=False, **lora)
     return model
 

@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common import CheckpointError
+from common import CheckpointError, replace_module
+from quant import NF4Linear, is_nf4_target
 
 
 @dataclass
@@ -352,8 +353,6 @@ class Transformer(nn.Module):
         config, model, read = open_checkpoint(path, dtype, device)
         if quantize not in (None, "nf4"):
             raise CheckpointError(f"quantize={quantize!r}: only 'nf4' is supported")
-        if quantize:
-            from quant import NF4Linear, is_nf4_target
         for name, module in list(model.named_modules()):
             own = dict(module.named_parameters(recurse=False))
             if not own or (config.tie_word_embeddings and module is model.lm_head):
@@ -404,12 +403,6 @@ def open_checkpoint(path, dtype, device):
         return t.to(device=device, dtype=dtype)
 
     return config, model, read
-
-
-def replace_module(root, name, module):
-    """Put `module` in place of root's submodule `name` ("model.layers.0.mlp.up_proj")."""
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent), child, module)
 
 
 def weight_files(path):

@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import replace_module
+
 # NF4: quantiles of N(0, 1) with equal probability mass per bin, normalised to [-1, 1].
 # 8 positive values norm.ppf(linspace(o, 0.5, 9)[:-1]), 7 negative -norm.ppf(linspace(o, 0.5,
 # 8)[:-1]) and an exact 0 (so zero-padding and zero weights are lossless), all divided by
@@ -319,6 +321,5 @@ def quantize_model(model: nn.Module, blocksize=64, double_quant=True) -> nn.Modu
     """Replace, in place, every layer that is_nf4_target by an NF4Linear."""
     for name, module in list(model.named_modules()):
         if is_nf4_target(name, module):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, NF4Linear.from_linear(module, blocksize, double_quant))
+            replace_module(model, name, NF4Linear.from_linear(module, blocksize, double_quant))
     return model
