@@ -11,6 +11,8 @@ and the one not adapted is kept.
 config.json (tie_word_embeddings: false then), tokenizer and generation files are copied;
 weights are written as safetensors, sharded with an index past --max_shard_size.
 --gguf TYPE also writes model-TYPE.gguf for llama.cpp and an Ollama Modelfile (gguf_export.py).
+--gguf_adapter TYPE merges nothing: it writes the adapter as adapter-TYPE.gguf (llama.cpp's --lora,
+Ollama's ADAPTER; gguf_lora.py), the base as base-TYPE.gguf (--gguf's type if given) and a Modelfile.
 
 Merging is a function over tensors, streamed: no model is built. Each tensor of the base is read
 alone (memory-mapped), merged with lora.lora_delta and dora.dora_weight (the math of
@@ -34,6 +36,7 @@ from tqdm import tqdm
 from common import CheckpointError, InputError, exit_on_input_error, written_atomically
 from dora import DoRAEmbedding, DoRALinear, dora_weight
 import gguf_export
+import gguf_lora
 from hub import resolve_checkpoint, same_checkpoint
 from lora import lora_delta
 from model import Config, Transformer, weight_files
@@ -153,20 +156,24 @@ def write_shard(file, shapes, dtype, tensor):
 
 # ---- the merge -----------------------------------------------------------------------------------
 
-def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 10**9, dtype=None, gguf=None):
+def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 10**9, dtype=None, gguf=None,
+          gguf_adapter=None):
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise InputError(f"--output_dir {out} is not empty; pass --force to replace it")
     if gguf and gguf not in gguf_export.FILE_TYPES:
         raise InputError(f"--gguf {gguf}: not a GGUF type this export writes ({', '.join(gguf_export.FILE_TYPES)})")
+    if gguf_adapter and gguf_adapter not in gguf_lora.TYPES:
+        raise InputError(f"--gguf_adapter {gguf_adapter}: not a GGUF adapter type ({', '.join(gguf_lora.TYPES)})")
     check_adapter_folder(adapter_path)  # every path before the base loads (or downloads)
     path = resolve_checkpoint(model_path)
     adapter_path = Path(adapter_path)
     train_config = adapter_path / "train_config.json"
     if train_config.exists() and json.loads(train_config.read_text()).get("load_in_4bit"):
         print(f"{adapter_path} was trained with QLoRA: merging it into the full-precision weights of {path}")
-    if gguf:
-        gguf_kv = gguf_export.metadata(path, gguf)  # an unsupported family fails here, before any work
+    if gguf or gguf_adapter:  # an unsupported family fails here, before any work
+        gguf = gguf or gguf_adapter  # with --gguf_adapter: the base's type
+        gguf_kv = gguf_export.metadata(path, gguf)
     dtype = dtype or checkpoint_dtype(path)
     config = Config.from_json(path / "config.json")
     with torch.device("meta"):
@@ -188,6 +195,10 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
         print(f"merge.py: warning: {adapter_path} was trained on {trained_on}, not on {model_path} "
               "(fine if it is the same model at another path)", file=sys.stderr)
     shapes = {k: shape for k, (_, shape) in base.items()}
+    if gguf_adapter:
+        gguf_lora.check(adapter_path, adapter_config, tied, layers)
+        return write_gguf_adapter(out, path, config, adapter_path, layers, settings_of(adapter_config), gguf_adapter,
+                                  (gguf, gguf_kv, gguf_export.tensors(shapes, read_base, config, gguf)))
     untie = tied and bool({"lm_head", "model.embed_tokens"} & layers.keys())
     if untie:  # lm_head gets its own copy of the table (as merge_lora's untie_lm_head), the last key
         shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
@@ -223,6 +234,21 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
     return out
 
 
+def write_gguf_adapter(out, path, config, adapter_path, layers, settings, ftype, base_gguf):
+    """--gguf_adapter: adapter-TYPE.gguf, base-TYPE.gguf and their Modelfile in `out`, nothing merged."""
+    base_type, base_kv, base_tensors = base_gguf
+    names = f"base-{base_type}.gguf", f"adapter-{ftype}.gguf"
+    with written_atomically(out) as tmp:
+        tmp.mkdir(parents=True)
+        gguf_export.write(tmp / names[0], base_kv, base_tensors)
+        gguf_export.write(tmp / names[1], gguf_lora.metadata(adapter_path, config, settings),
+                          gguf_lora.tensors(layers, config, ftype))
+        (tmp / "Modelfile").write_text(gguf_lora.modelfile(*names, path))
+    print(f"{out / names[1]} written for llama.cpp's --lora on {out / names[0]}; {out / 'Modelfile'} for Ollama: "
+          f"ollama create NAME -f {out / 'Modelfile'}")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True,
@@ -233,12 +259,15 @@ def main(argv=None):
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the merged weights (default: the base's)")
     p.add_argument("--gguf", choices=gguf_export.FILE_TYPES,
                    help="also write model-TYPE.gguf (llama.cpp, Ollama, LM Studio) and an Ollama Modelfile")
+    p.add_argument("--gguf_adapter", choices=gguf_lora.TYPES,
+                   help="merge nothing: write the adapter as adapter-TYPE.gguf (llama.cpp --lora, Ollama ADAPTER), "
+                        "the base as base-TYPE.gguf (--gguf's type, if given) and a Modelfile")
     p.add_argument("--max_shard_size", default="5GB", type=parse_size,
                    help="largest safetensors file before sharding (default: %(default)s)")
     args = p.parse_args(argv)
     with exit_on_input_error("merge.py"):
         merge(args.model_path, args.adapter_path, args.output_dir, args.force, args.max_shard_size,
-              DTYPES.get(args.dtype), args.gguf)
+              DTYPES.get(args.dtype), args.gguf, args.gguf_adapter)
 
 
 if __name__ == "__main__":
