@@ -24,15 +24,17 @@ gives each tensor, in its order; equal byte for byte to llama-quantize run on ou
 the checkpoint's own dtype) file.
 
 What goes in, as llama.cpp's converter writes it for these families:
-- architecture "llama" (Llama 3.x, SmolLM2), "qwen2" or "qwen3"; tensors renamed (token_embd,
-  blk.N.attn_q, ...); a tied lm_head is simply absent (llama.cpp reuses token_embd), an untied one
-  is output;
+- architecture "llama" (Llama 3.x, SmolLM2, Llama 2, TinyLlama, Mistral), "qwen2" or "qwen3";
+  tensors renamed (token_embd, blk.N.attn_q, ...); a tied lm_head is simply absent (llama.cpp
+  reuses token_embd), an untied one is output;
 - for "llama", q/k rows permuted within each head from Hugging Face's rotate-half order to the
   interleaved pairs llama.cpp's rope rotates (Qwen uses llama.cpp's NeoX rope: no permutation);
 - rope base, llama3 scaling as a rope_freqs tensor of per-frequency factors, linear scaling as
   keys; head_dim as key_length/value_length;
 - the tokenizer: tokens, token types, merges, special ids, add_bos/add_eos, the chat template, and
-  the pre-tokenizer's name, which llama.cpp finds by hashing the ids of a fixed text (below).
+  the pre-tokenizer's name, which llama.cpp finds by hashing the ids of a fixed text (below); for
+  a SentencePiece tokenizer (a tokenizer.model beside tokenizer.json) llama.cpp's "llama" model:
+  pieces, scores and types from tokenizer.model (gguf_sentencepiece.py), no merges.
 One key the converter leaves out is written too: tokenizer.ggml.eot_token_id, the chat template's
 end-of-turn token, which llama.cpp would otherwise find by its name.
 """
@@ -44,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+import gguf_sentencepiece
 import kquants
 from common import CheckpointError
 from model import Config
@@ -52,6 +55,7 @@ from tokenizer import END_OF_TURN, Tokenizer, read_json, token_content
 # model_type -> (GGUF architecture, q/k rows permuted for llama.cpp's rope). One line per family.
 ARCHS = {
     "llama": ("llama", True),
+    "mistral": ("llama", True),
     "qwen2": ("qwen2", False),
     "qwen3": ("qwen3", False),
 }
@@ -71,7 +75,7 @@ PRE_TOKENIZERS = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
     "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 to Qwen3
 }
-SUPPORTED = "Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3"
+SUPPORTED = "Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3"  # byte-level BPE (SentencePiece ones: by their tokenizer.model)
 
 # GGUF value types
 UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9
@@ -108,22 +112,32 @@ def tokenizer_kv(path, vocab_size, arch):
     tokenizer = Tokenizer(path)  # also: a clear error for a missing or broken tokenizer.json
     tok_json = json.loads((path / "tokenizer.json").read_text())  # the vocabulary and merges, as stored
     cfg = read_json(path / "tokenizer_config.json")
-    pre = pre_tokenizer(tokenizer.tok, path)
-    vocab = {i: t for t, i in tok_json["model"]["vocab"].items()}
-    added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
-    tokens = [token_and_type(i, vocab.get(i), added.get(i)) for i in range(vocab_size)]
-    merges = tok_json["model"]["merges"]
-    if merges and not isinstance(merges[0], str):  # [["Ġ", "t"], ...] since tokenizers 0.20
-        merges = [" ".join(p.replace(" ", "\u0120") for p in pair) for pair in merges]
-
     kv = {}
     if arch == "llama" and isinstance(cfg.get("add_prefix_space"), bool):
         kv["tokenizer.ggml.add_space_prefix"] = (BOOL, cfg["add_prefix_space"])
-    kv["tokenizer.ggml.model"] = (STRING, "gpt2")  # llama.cpp's name for byte-level BPE
-    kv["tokenizer.ggml.pre"] = (STRING, pre)
-    kv["tokenizer.ggml.tokens"] = (ARRAY, (STRING, [t for t, _ in tokens]))
-    kv["tokenizer.ggml.token_type"] = (ARRAY, (INT32, [k for _, k in tokens]))
-    kv["tokenizer.ggml.merges"] = (ARRAY, (STRING, merges))
+    if arch == "llama" and (path / "tokenizer.model").exists():  # SentencePiece, as the converter decides it
+        tokens, scores, types = gguf_sentencepiece.vocab(path, vocab_size, lambda a: token_and_type(None, None, a))
+        kv["tokenizer.ggml.model"] = (STRING, "llama")  # llama.cpp's SentencePiece tokenizer
+        kv["tokenizer.ggml.pre"] = (STRING, "default")
+        kv["tokenizer.ggml.tokens"] = (ARRAY, (STRING, tokens))
+        kv["tokenizer.ggml.scores"] = (ARRAY, (FLOAT32, scores))
+        kv["tokenizer.ggml.token_type"] = (ARRAY, (INT32, types))
+    else:
+        if tok_json["model"].get("byte_fallback") or (tok_json.get("pre_tokenizer") or {}).get("type") == "Metaspace":
+            raise CheckpointError(f"{path / 'tokenizer.model'}: missing; a SentencePiece tokenizer's GGUF export "
+                                  "reads its pieces' scores and types from it (Llama 2, Mistral ship one)")
+        pre = pre_tokenizer(tokenizer.tok, path)
+        vocab = {i: t for t, i in tok_json["model"]["vocab"].items()}
+        added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
+        tokens = [token_and_type(i, vocab.get(i), added.get(i)) for i in range(vocab_size)]
+        merges = tok_json["model"]["merges"]
+        if merges and not isinstance(merges[0], str):  # [["Ġ", "t"], ...] since tokenizers 0.20
+            merges = [" ".join(p.replace(" ", "\u0120") for p in pair) for pair in merges]
+        kv["tokenizer.ggml.model"] = (STRING, "gpt2")  # llama.cpp's name for byte-level BPE
+        kv["tokenizer.ggml.pre"] = (STRING, pre)
+        kv["tokenizer.ggml.tokens"] = (ARRAY, (STRING, [t for t, _ in tokens]))
+        kv["tokenizer.ggml.token_type"] = (ARRAY, (INT32, [k for _, k in tokens]))
+        kv["tokenizer.ggml.merges"] = (ARRAY, (STRING, merges))
     # special ids: tokenizer_config's tokens first, then config.json's *_token_id for the rest
     content = {a["content"]: a["id"] for a in reversed(tok_json.get("added_tokens", []))}  # first wins
     special = {}
@@ -159,18 +173,29 @@ def tokenizer_kv(path, vocab_size, arch):
 
 def add_special(tok_json, cfg):
     """Whether llama.cpp adds BOS/EOS to raw text: as tokenizer.json's post-processor does
-    (Llama 3's template prepends <|begin_of_text|>), else as tokenizer_config says."""
+    (Llama 3's template prepends <|begin_of_text|>), else as tokenizer_config says; and SEP, as
+    the converter reads it from the pair template: A [sep] [eos] B (Llama 2's <s> A <s> B: no)."""
     post = tok_json.get("post_processor") or {}
+    special = lambda t: t.get("SpecialToken", {}).get("id")  # noqa: E731
     add = {}
     for p in post.get("processors", [post]):
         if p.get("type") == "ByteLevel":  # adds nothing
             add.setdefault("bos", False)
             add.setdefault("eos", False)
-        elif p.get("type") == "TemplateProcessing" and len(single := p.get("single", [])) > 1:
-            if first := single[0].get("SpecialToken", {}).get("id"):
-                add["bos"] = first == token_content(cfg.get("bos_token"))
-            if last := single[-1].get("SpecialToken", {}).get("id"):
-                add["eos"] = last == token_content(cfg.get("eos_token"))
+        elif p.get("type") == "TemplateProcessing":
+            single, first, last = p.get("single", []), None, None
+            if len(single) > 1:
+                if first := special(single[0]):
+                    add["bos"] = first == token_content(cfg.get("bos_token"))
+                if last := special(single[-1]):
+                    add["eos"] = last == token_content(cfg.get("eos_token"))
+            pair = p.get("pair", [])
+            pair = pair[1 if first and pair and special(pair[0]) == first else 0:
+                        -1 if last and pair and special(pair[-1]) == last else None]
+            if len(pair) > 2 and [t.get("Sequence", {}).get("id") for t in (pair[0], pair[-1])] == ["A", "B"]:
+                middle, ends = pair[1:-1], (token_content(cfg.get("sep_token")), token_content(cfg.get("eos_token")))
+                add["sep"] = bool(special(middle[0]) in ends and special(middle[0]) and not last) or \
+                    (len(middle) == 2 and bool(special(middle[1]) in ends and special(middle[1])))
     for kind in ("bos", "eos"):
         if isinstance(cfg.get(f"add_{kind}_token"), bool):
             add.setdefault(kind, cfg[f"add_{kind}_token"])
@@ -184,7 +209,7 @@ def metadata(path, ftype):
     c = Config.from_json(path / "config.json")  # the same reading of config.json as the model's
     raw = read_json(path / "config.json")
     if c.model_type not in ARCHS:
-        raise CheckpointError(f"{path / 'config.json'}: GGUF export supports {SUPPORTED} "
+        raise CheckpointError(f"{path / 'config.json'}: GGUF export supports {SUPPORTED}, Llama 2, Mistral "
                               f"(model_type {', '.join(ARCHS)}), not model_type {c.model_type}")
     arch, permuted = ARCHS[c.model_type]
     kv = {"general.architecture": (STRING, arch), "general.type": (STRING, "model"),
@@ -341,7 +366,7 @@ def _value(vtype, value):
         head = struct.pack("<IQ", etype, len(items))
         if etype == STRING:
             return head + b"".join(_string(s) for s in items)
-        return head + struct.pack(f"<{len(items)}{'i' if etype == INT32 else 'I'}", *items)
+        return head + struct.pack(f"<{len(items)}{ {INT32: 'i', FLOAT32: 'f'}.get(etype, 'I')}", *items)
     return struct.pack({UINT32: "<I", INT32: "<i", FLOAT32: "<f", BOOL: "<?"}[vtype], value)
 
 

@@ -42,7 +42,8 @@ from lora import lora_delta
 from model import Config, Transformer, weight_files
 from peft_format import PEFT_PREFIX, check_adapter_folder, match_adapter, read_adapter, settings_of
 
-COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+          "tokenizer.model", "added_tokens.json", "chat_template.jinja")  # SentencePiece's pieces; newer repos' template
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 

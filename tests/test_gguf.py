@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,15 +187,11 @@ def test_merge_gguf_streams_the_file_of_the_merged_tensors(tiny, tmp_path, name)
     assert (out / "model-q8_0.gguf").read_bytes() == (tmp_path / "expected.gguf").read_bytes()
 
 
-def test_unsupported_families_are_one_line_errors(tiny_checkpoint, smollm2, tmp_path):
+def test_unsupported_tokenizers_are_one_line_errors(tiny_checkpoint):
     with pytest.raises(CheckpointError, match=r"tokenizer\.json: GGUF export supports the byte-level BPE tokenizers "
                                               r"of Llama 3\.x, SmolLM2, Qwen2/2\.5, Qwen3; this one is not among them"):
         gguf_export.metadata(tiny_checkpoint, "q8_0")  # a word-level tokenizer
-    mistral = shutil.copytree(smollm2, tmp_path / "mistral", ignore=shutil.ignore_patterns("*.safetensors"))
-    config = json.loads((mistral / "config.json").read_text())
-    (mistral / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
-    with pytest.raises(CheckpointError, match="config.json: GGUF export supports .* not model_type mistral"):
-        gguf_export.metadata(mistral, "f16")
+    # (every model_type model.py loads is exported: llama, mistral, qwen2, qwen3)
 
 
 def test_q8_0_rounds_halves_away_from_zero_and_keeps_zero_blocks():
@@ -300,3 +297,100 @@ def test_modelfile_for_llama3_templates(smollm2, tmp_path):
                            'Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{{ .System }}<|eot_id|>')
     assert text.endswith('<|start_header_id|>assistant<|end_header_id|>\n\n"""\nPARAMETER stop "<|im_end|>"\n'
                          'PARAMETER stop "<|eot_id|>"\n')
+
+
+# ---- SentencePiece families (gguf_sentencepiece.py) ------------------------------------------
+
+SP_RECORDED = ROOT / "tests" / "fixtures" / "gguf_sentencepiece_llama_cpp.json"
+SENTENCEPIECE = {  # name: (model_type, mistral_common's tokenizer.model, chat template)
+    # Llama 2's and TinyLlama's layout (<unk> <s> </s>, 256 byte pieces, 32000), with Mistral 7B v0.1's pieces
+    "tiny-llama2": ("llama", "tokenizer.model.v1", "llama2"),
+    # Mistral 7B v0.3's: 32768, the control tokens [INST], [/INST], [TOOL_CALLS], ... among the pieces
+    "tiny-mistral-v3": ("mistral", "mistral_instruct_tokenizer_240323.model.v3", "mistral"),
+}
+SP_TEMPLATES = {  # the families' published templates, in short: what tokenizer.py recognizes them by
+    "llama2": "{{ bos_token + '[INST] <<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + content + ' [/INST]' }}",
+    "mistral": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+               "' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}",
+}
+
+
+def sentencepiece_checkpoint(path, name):
+    """A tiny Llama-2-shaped checkpoint (random weights, MHA) with a real SentencePiece tokenizer:
+    tokenizer.model from mistral_common, tokenizer.json as transformers converts it (Metaspace,
+    BPE with byte fallback), tokenizer_config.json as Llama 2's (add_bos_token, added_tokens_decoder)."""
+    pytest.importorskip("sentencepiece")  # transformers converts tokenizer.model with it
+    import mistral_common
+    from transformers import AutoTokenizer
+
+    model_type, model_file, template = SENTENCEPIECE[name]
+    path.mkdir(parents=True)
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / model_file, path / "tokenizer.model")
+    special = {"content": None, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+               "special": True}
+    cfg = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+           "unk_token": "<unk>", "pad_token": None, "legacy": False, "tokenizer_class": "LlamaTokenizer",
+           "added_tokens_decoder": {str(i): {**special, "content": t} for i, t in enumerate(["<unk>", "<s>", "</s>"])},
+           "chat_template": SP_TEMPLATES[template]}
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    vocab = AutoTokenizer.from_pretrained(path).backend_tokenizer
+    vocab.save(str(path / "tokenizer.json"))
+    torch.manual_seed(0)
+    config = Config(model_type=model_type, vocab_size=vocab.get_vocab_size(), hidden_size=64, intermediate_size=96,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+                    rms_norm_eps=1e-5)
+    write_checkpoint(path, Transformer(config))
+    raw = json.loads((path / "config.json").read_text())
+    raw.update(architectures=["LlamaForCausalLM" if model_type == "llama" else "MistralForCausalLM"],
+               rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    (path / "config.json").write_text(json.dumps(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sentencepiece(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sentencepiece")
+    return {name: sentencepiece_checkpoint(tmp / name, name) for name in SENTENCEPIECE}
+
+
+@pytest.mark.parametrize("name", SENTENCEPIECE)
+def test_sentencepiece_is_what_llama_cpp_converter_writes(sentencepiece, name):
+    # every key (type, value, order; tokens, scores and types by length + sha256) and every tensor
+    # (name, type, ggml dims, sha256 of its bytes) equal convert_hf_to_gguf.py's, in all four types;
+    # naming keys from the folder name aside
+    recorded, path = json.loads(SP_RECORDED.read_text()), sentencepiece[name]
+    ref = recorded[name]
+    assert hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest() == ref["model_safetensors_sha256"], \
+        "the checkpoint built here is not the one recorded (another torch RNG?): re-run gguf_sentencepiece_reference.py"
+    state, config = load_file(path / "model.safetensors"), Config.from_json(path / "config.json")
+    for ftype in FTYPES:
+        kv = {k: v for k, v in as_recorded(gguf_export.metadata(path, ftype)).items()
+              if k not in recorded["not_compared"]}
+        assert kv == ref[ftype]["keys"] and list(kv) == list(ref[ftype]["keys"]), ftype
+        tensors = [f"{n} {gguf.GGMLQuantizationType(t).name} {'x'.join(map(str, reversed(shape)))} "
+                   f"{hashlib.sha256(gguf_export.encode(load(), t)).hexdigest()}"
+                   for n, shape, t, load in entries(state, config, ftype)]
+        assert tensors == ref[ftype]["tensors"], ftype
+
+
+def test_sentencepiece_vocabulary_is_tokenizer_json_s(sentencepiece):
+    # independently of the converter: the file's tokens are tokenizer.json's, id for id, the
+    # byte-fallback pieces <0x00>..<0xFF> typed BYTE, <unk>, <s> and </s> CONTROL (special in
+    # tokenizer_config's added_tokens_decoder, which overrides tokenizer.model's UNKNOWN for <unk>)
+    import gguf_sentencepiece as sp
+
+    for name, path in sentencepiece.items():
+        kv = gguf_export.metadata(path, "f16")
+        tokens, types = kv["tokenizer.ggml.tokens"][1][1], kv["tokenizer.ggml.token_type"][1][1]
+        vocab = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]
+        assert tokens == sorted(vocab, key=vocab.get), name
+        assert [t for t, k in zip(tokens, types) if k == sp.BYTE] == [f"<0x{b:02X}>" for b in range(256)], name
+        assert types[:3] == [sp.CONTROL] * 3 and kv["tokenizer.ggml.model"][1] == "llama", name
+        assert kv["tokenizer.ggml.add_bos_token"][1] is True and kv["tokenizer.ggml.add_sep_token"][1] is False, name
+
+
+def test_sentencepiece_without_tokenizer_model_is_one_line(sentencepiece, tmp_path):
+    path = shutil.copytree(sentencepiece["tiny-llama2"], tmp_path / "no-model",
+                           ignore=shutil.ignore_patterns("tokenizer.model"))
+    with pytest.raises(CheckpointError, match=r"tokenizer\.model: missing; a SentencePiece tokenizer's GGUF export"):
+        gguf_export.metadata(path, "f16")
