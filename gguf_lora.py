@@ -18,7 +18,9 @@ and byte for byte (tests/test_gguf_adapter.py, tests/fixtures/gguf_adapter_refer
 
 llama.cpp scales each update by alpha / r, so rsLoRA's alpha / sqrt(r) is written as the alpha
 that gives it, alpha * sqrt(r) (the converter writes lora_alpha as is, which is wrong for
-rsLoRA). DoRA has no GGUF form: llama.cpp has no magnitude vector; it is refused.
+rsLoRA). DoRA has no GGUF form: llama.cpp has no magnitude vector; it is refused. So is an adapter
+of the embeddings or lm_head of a tied base: llama.cpp's output reuses token_embd, adapter and
+all, and its matmul asserts on the embedding's transposed lora_a (tried: xllamacpp 2026.10.11549).
 """
 from common import InputError
 import gguf_export
@@ -32,9 +34,10 @@ def check(adapter_path, config, tied, layers):
     if config.get("use_dora"):
         raise InputError(f"{adapter_path / CONFIG_FILE}: a DoRA adapter has no GGUF form (llama.cpp's LoRA has no "
                          "magnitude vector); merge it instead: --gguf TYPE")
-    if tied and "lm_head" in layers:
-        raise InputError(f"{adapter_path / WEIGHTS_FILE}: adapts lm_head, which this base ties to its embeddings "
-                         "(llama.cpp has no lm_head to apply it to); merge it instead: --gguf TYPE")
+    if tied and (both := {"lm_head", "model.embed_tokens"} & layers.keys()):  # llama.cpp has one table for both
+        raise InputError(f"{adapter_path / WEIGHTS_FILE}: adapts {min(both)}, which this base ties to "
+                         f"{'model.embed_tokens' if min(both) == 'lm_head' else 'lm_head'} (llama.cpp would apply it "
+                         "to both, and fails on it); merge it instead: --gguf TYPE")
 
 
 def metadata(adapter_path, c, settings):

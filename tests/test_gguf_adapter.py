@@ -2,7 +2,7 @@
 
 - Converter parity: for four PEFT adapter folders (tiny llama with llama3 rope scaling on every
   linear layer; tiny llama with embeddings, q/k and lm_head at r=32, so Q8_0 takes lora_b too;
-  tiny qwen2, tied, embeddings and q; tiny qwen3 on every linear layer) in f32/f16/bf16/q8_0,
+  tiny qwen2, tied, q/v/down; tiny qwen3 on every linear layer) in f32/f16/bf16/q8_0,
   every key (type, value, order; general.name aside, the converter's prettified folder name) and
   every tensor (name, type, ggml shape, sha256 of its bytes) equal the converter's file:
   recorded in tests/fixtures/gguf_adapter_llama_cpp.json by tests/fixtures/gguf_adapter_reference.py.
@@ -10,8 +10,8 @@
   llama.cpp's scale alpha / r is our merge's update (lora.lora_delta) to 1e-6 relative, q/k
   permutation undone; rsLoRA's alpha is written so that alpha / r = alpha / sqrt(r).
 - The folder: base-TYPE.gguf is byte for byte gguf_export's file of the base; the Modelfile is
-  the base's with an ADAPTER line. DoRA, an lm_head on a tied base, an unknown type: one line,
-  exit 2, nothing written.
+  the base's with an ADAPTER line. DoRA, embeddings or lm_head of a tied base, an unknown type:
+  one line, exit 2, nothing written.
 """
 import hashlib
 import json
@@ -36,7 +36,7 @@ CASES = {  # name: (tiny_checkpoint's model_type, adapter settings)
     "llama-all-linear": ("llama", dict(target_modules="all-linear")),
     "llama-embeddings-lm_head-r32": ("llama", dict(target_modules=["embed_tokens", "q_proj", "k_proj", "lm_head"],
                                                    r=32, alpha=16)),
-    "qwen2-tied-embeddings": ("qwen2", dict(target_modules=["embed_tokens", "q_proj"])),
+    "qwen2-tied": ("qwen2", dict(target_modules=["q_proj", "v_proj", "down_proj"])),
     "qwen3-all-linear": ("qwen3", dict(target_modules="all-linear")),
 }
 
@@ -134,7 +134,7 @@ def test_rslora_alpha_is_what_llama_cpp_needs(cases, tmp_path):
 
 
 def test_folder_base_gguf_and_modelfile(cases, tmp_path):
-    base, adapter = cases["qwen2-tied-embeddings"]
+    base, adapter = cases["qwen2-tied"]
     out = merge.merge(base, adapter, tmp_path / "out", gguf_adapter="f16", gguf="q8_0")
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "adapter-f16.gguf", "base-q8_0.gguf"]
     from safetensors.torch import load_file
@@ -148,11 +148,13 @@ def test_folder_base_gguf_and_modelfile(cases, tmp_path):
     assert (out / "Modelfile").read_text().split("\n") == [merged[0], "ADAPTER ./adapter-f16.gguf", *merged[1:]]
 
 
-@pytest.mark.parametrize("problem", ["dora", "tied lm_head", "type"])
+@pytest.mark.parametrize("problem", ["dora", "tied lm_head", "tied embeddings", "type"])
 def test_refused_in_one_line_nothing_written(cases, tmp_path, capsys, problem):
-    base, _ = cases["qwen2-tied-embeddings"]
+    base, _ = cases["qwen2-tied"]
     settings = {"dora": dict(target_modules=["q_proj"], use_dora=True),
-                "tied lm_head": dict(target_modules=["lm_head"]), "type": dict(target_modules=["q_proj"])}[problem]
+                "tied lm_head": dict(target_modules=["lm_head"]),
+                "tied embeddings": dict(target_modules=["embed_tokens"]),
+                "type": dict(target_modules=["q_proj"])}[problem]
     adapter = random_adapter(base, tmp_path / "adapter", **settings)
     with pytest.raises(SystemExit) as e:
         if problem == "type":  # the function's check (the command line's choices stop it earlier)
@@ -167,7 +169,9 @@ def test_refused_in_one_line_nothing_written(cases, tmp_path, capsys, problem):
     assert "\n" not in err and "Traceback" not in err
     expected = {"dora": "adapter_config.json: a DoRA adapter has no GGUF form (llama.cpp's LoRA has no magnitude "
                         "vector); merge it instead: --gguf TYPE",
-                "tied lm_head": "adapter_model.safetensors: adapts lm_head, which this base ties to its embeddings",
+                "tied lm_head": "adapter_model.safetensors: adapts lm_head, which this base ties to model.embed_tokens",
+                "tied embeddings": "adapter_model.safetensors: adapts model.embed_tokens, which this base ties to "
+                                   "lm_head (llama.cpp would apply it to both, and fails on it); merge it instead",
                 "type": "--gguf_adapter q4_k_m: not a GGUF adapter type (f16, bf16, q8_0, f32)"}[problem]
     assert expected in err
     assert not (tmp_path / "out").exists()
