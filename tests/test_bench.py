@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adapters import apply_lora
 import bench
-from conftest import ROOT, tiny_config
+from helpers import ROOT, tiny_config
 from loss import CausalLMLoss
 from model import Transformer
 

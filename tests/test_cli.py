@@ -17,13 +17,12 @@ import torch
 
 from adapters import apply_lora
 from common import CheckpointError, InputError
-from conftest import ROOT, tiny_config, write_tiny_tokenizer
 from data import DataError, read_jsonl
 from generate import Chat, generate, load
+from helpers import ROOT, tiny_config, write_checkpoint, write_tiny_tokenizer
 from hub import resolve_checkpoint, same_checkpoint
 from model import Config, Transformer
 from peft_format import save_adapter
-from test_model import write_checkpoint
 
 CLOSED = "http://127.0.0.1:9"  # nothing listens on the discard port
 

@@ -17,16 +17,13 @@ from safetensors.torch import load_file, save_file
 
 from adapters import apply_lora
 from config import TrainConfig
-from conftest import ROOT, chat, make_tiny_checkpoint, tiny_config, write_jsonl
 from generate import generate
+from helpers import DTYPES, ROOT, TINY, bits_equal, make_tiny_checkpoint, tiny_config, weight, write_jsonl
 from model import Transformer
 from quant import NF4Linear, _dequantize_bnb, dequantize_nf4, quantize_nf4
-from test_quant import DTYPES, bits_equal, weight
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-# The reply is a fixed function of the question: the tiny models can learn it in a few steps.
-TINY = [chat(f"w{i} w{i + 1}", f"w{i + 20} w{i + 40} w{i + 60}") for i in range(8)]
 
 
 def run(script, *args, cpu=False):

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import data
-from conftest import tiny_config, write_chatml_tokenizer, write_tiny_tokenizer
+from helpers import tiny_config, write_chatml_tokenizer, write_checkpoint, write_tiny_tokenizer
 from model import Config, Transformer
-from test_model import write_checkpoint
 from tokenizer import TEMPLATES, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,7 +17,7 @@ END = "<|im_end|>"  # SmolLM2's end of turn, eos and pad (id 2)
 
 @pytest.fixture(scope="module")
 def tok_path(tmp_path_factory):
-    """SmolLM2's tokenizer pipeline and config with a small vocabulary (conftest), made here."""
+    """SmolLM2's tokenizer pipeline and config with a small vocabulary (helpers.py), made here."""
     return write_chatml_tokenizer(tmp_path_factory.mktemp("chatml"))
 
 

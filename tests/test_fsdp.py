@@ -15,10 +15,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from config import parse_args
-from conftest import ROOT, chat, tiny_config, write_jsonl, write_tiny_tokenizer
 import data
-from test_model import write_checkpoint
-from test_train import TINY, config, losses, max_error
+from helpers import (ROOT, chat, config, losses, max_error, tiny_config, write_checkpoint, write_jsonl,
+                    write_tiny_tokenizer)
 import train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -32,7 +31,7 @@ def make_checkpoint(path, **kw):
     torch.manual_seed(0)
     model = Transformer(tiny_config(**kw))
     with torch.no_grad():
-        model.lm_head.weight.mul_(8)  # wider logit gaps, so the loss can fall (see conftest)
+        model.lm_head.weight.mul_(8)  # wider logit gaps, so the loss can fall (see helpers.make_tiny_checkpoint)
     write_checkpoint(path, model)
     write_tiny_tokenizer(path)
     (path / "tokenizer_config.json").write_text(json.dumps({

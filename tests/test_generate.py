@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from common import CheckpointError, InputError
-from conftest import ROOT, tiny_config, write_tiny_tokenizer
 from generate import generate, load, sample, stream_text
+from helpers import ROOT, tiny_config, write_chatml_tokenizer, write_checkpoint, write_tiny_tokenizer
 from hub import resolve_checkpoint
 from model import Transformer
-from test_model import write_checkpoint
 from tokenizer import Tokenizer, render_chat
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -244,7 +243,6 @@ CALL = '<tool_call>\n{"name": "ferry_times", "arguments": {"port": "Kestry"}}\n<
 
 @pytest.fixture(scope="module")
 def chatml_tok(tmp_path_factory):
-    from conftest import write_chatml_tokenizer
     return Tokenizer(write_chatml_tokenizer(tmp_path_factory.mktemp("chatml")))
 
 

@@ -12,6 +12,7 @@
 import hashlib
 import json
 import shutil
+import re
 import struct
 from pathlib import Path
 
@@ -21,11 +22,11 @@ from safetensors.torch import load_file
 
 from common import CheckpointError
 from config import TrainConfig
-from conftest import ROOT, SMOLLM2
 import gguf_export
+from helpers import ROOT, SMOLLM2, random_adapter, write_checkpoint
 import merge
 from model import Config, Transformer
-from test_model import write_checkpoint
+from tokenizer import split_thinking
 import train
 
 gguf = pytest.importorskip("gguf")  # the reference reader and quantizer (test-only)
@@ -174,8 +175,6 @@ def test_tensors_read_back_equal_the_weights(tiny, tmp_path, model_type, name, f
 def test_merge_gguf_streams_the_file_of_the_merged_tensors(tiny, tmp_path, name):
     # merge.py --gguf q8_0 writes its GGUF a tensor at a time from the merged shards it has just
     # written: byte for byte the file gguf_export.write makes from those tensors held in memory
-    from test_workflow import random_adapter
-
     path, _ = tiny[name]
     adapter = random_adapter(path, tmp_path / "adapter", target_modules=["embed_tokens", "q_proj", "k_proj", "down_proj"])
     out = merge.merge(path, adapter, tmp_path / "merged", gguf="q8_0", max_shard_size=4_000_000)
@@ -394,3 +393,91 @@ def test_sentencepiece_without_tokenizer_model_is_one_line(sentencepiece, tmp_pa
                            ignore=shutil.ignore_patterns("tokenizer.model"))
     with pytest.raises(CheckpointError, match=r"tokenizer\.model: missing; a SentencePiece tokenizer's GGUF export"):
         gguf_export.metadata(path, "f16")
+
+
+# ---- the Modelfile against the published templates (tests/data/renderings.json) --------------
+
+def ollama_render(template, system, messages):
+    """What Ollama's Go template engine writes for the subset gguf_export.ollama_template uses:
+    {{ .System }}, {{ .Role }}, {{ .Content }}, {{ if .System }}, {{ if ne .Role "..." }},
+    {{ range .Messages }}, {{ end }}; {{- and -}} trim the whitespace beside them."""
+    parts = re.split(r"({{.*?}})", template)
+    items = []
+    for i, part in enumerate(parts):
+        if part.startswith("{{"):
+            items.append(("action", part[2:-2].strip("- ")))
+        else:
+            if i and parts[i - 1].endswith("-}}"):
+                part = part.lstrip()
+            if i + 1 < len(parts) and parts[i + 1].startswith("{{-"):
+                part = part.rstrip()
+            items.append(("text", part))
+
+    def run(pos, ctx, out):  # from items[pos] to its {{ end }}; returns the position after it
+        while pos < len(items):
+            kind, v = items[pos]
+            pos += 1
+            if kind == "text":
+                out.append(v)
+            elif v == "end":
+                return pos
+            elif v.startswith("if "):
+                cond = v[3:]
+                ok = bool(ctx["System"]) if cond == ".System" else ctx["Role"] != json.loads(cond.split(" ", 2)[2])
+                body = []
+                pos = run(pos, ctx, body)
+                out += body if ok else []
+            elif v == "range .Messages":
+                start = pos
+                for m in ctx["Messages"]:
+                    pos = run(start, {**ctx, "Role": m["role"], "Content": m["content"]}, out)
+            else:
+                out.append(ctx[v.removeprefix(".")])
+        return pos
+
+    out = []
+    run(0, {"System": system, "Messages": messages}, out)
+    return "".join(out)
+
+
+MODELFILE_FAMILIES = ["HuggingFaceTB-SmolLM2-135M-Instruct.jinja", "Qwen-Qwen2.5-7B-Instruct.jinja",
+                      "meta-llama-Llama-3.1-8B-Instruct.jinja", "meta-llama-Llama-3.3-70B-Instruct.jinja",
+                      "Qwen-Qwen3-0.6B.jinja"]
+
+
+@pytest.mark.parametrize("template", MODELFILE_FAMILIES)
+def test_modelfile_renders_what_the_published_template_does(smollm2, tmp_path, template):
+    # The Modelfile's TEMPLATE, filled as Ollama fills it (.System: the chat's system message, else
+    # the Modelfile's SYSTEM), equals the published template's rendering (add_generation_prompt,
+    # BOS aside: llama.cpp adds it) of every chat without tools, character for character; and its
+    # stops hold the family's end-of-turn token.
+    data = json.loads((ROOT / "tests" / "data" / "renderings.json").read_text())
+    path = shutil.copytree(smollm2, tmp_path / "family", ignore=shutil.ignore_patterns("*.safetensors"))
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (ROOT / "tests" / "data" / "templates" / template).read_text()
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = json.loads((path / "tokenizer.json").read_text())
+    for i, content in enumerate(["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"], start=3):
+        tok["added_tokens"].append({"id": i, "content": content, "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": False, "special": True})
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    text = gguf_export.modelfile("model-f16.gguf", path)
+    ollama = re.search(r'TEMPLATE """(.*?)"""\n', text, re.S).group(1)
+    default_system = m.group(1) if (m := re.search(r'SYSTEM """(.*?)"""\n', text, re.S)) else ""
+    stops = re.findall(r'PARAMETER stop "(.*?)"', text)
+    compared = 0
+    for r in data["renderings"]:
+        chat = data["chats"][r["chat"]]
+        if r["template"] != template or not r["add_generation_prompt"] or chat["tools"] or "error" in r \
+                or not r.get("enable_thinking", True) or any(set(m) - {"role", "content"} for m in chat["messages"]):
+            continue
+        messages = chat["messages"]
+        if "| trim" in cfg["chat_template"]:  # Llama 3 trims each content; Ollama's Go template cannot
+            messages = [{**m, "content": m["content"].strip()} for m in messages]
+        if "<think>" in cfg["chat_template"]:  # Ollama takes Qwen3's reasoning out of .Content itself
+            messages = [{**m, "content": split_thinking(m["content"])[1]} for m in messages]
+        system = next((m["content"] for m in messages if m["role"] == "system"), default_system)
+        assert ollama_render(ollama, system, messages) == r["text"].removeprefix(r["bos"]), r["chat"]
+        assert r["eos"] in stops
+        compared += 1
+    assert compared >= 2

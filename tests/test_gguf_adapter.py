@@ -21,9 +21,9 @@ import pytest
 import torch
 
 import gguf_export
+from helpers import ROOT, SMOLLM2
 import merge
 from adapters import apply_lora, lora_layers
-from conftest import ROOT, SMOLLM2
 from model import Config, Transformer
 from peft_format import save_adapter
 from test_gguf import tiny_checkpoint, unpermute

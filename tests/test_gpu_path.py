@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from adapters import apply_lora, lora_layers
 from config import TrainConfig
-from conftest import chat, tiny_config, write_jsonl
 from dora import DoRAEmbedding, DoRALinear
+from helpers import TINY, tiny_config, write_jsonl
 from lora import AdapterSettings, LoRAEmbedding, LoRALinear
 from loss import CausalLMLoss
 import model as model_module
@@ -22,7 +22,6 @@ from model import Transformer
 from quant import NF4Linear, quantize_model
 import train
 
-TINY = [chat(f"w{i} w{i + 1}", f"w{i + 20} w{i + 40} w{i + 60}") for i in range(8)]
 
 
 def saved_tensors(fn):

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 import gguf_export
+from helpers import ROOT, SMOLLM2
 import kquants
 import merge
-from conftest import ROOT, SMOLLM2
 from model import Config, Transformer, weight_files
 
 gguf = pytest.importorskip("gguf")  # the reference reader and dequantizer (test-only)

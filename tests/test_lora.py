@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from adapters import (apply_lora, count_parameters, disable_adapters, lora_layers, merge_and_unload, merge_lora,
                       set_adapter, unmerge_lora)
 from config import TrainConfig
-from conftest import tiny_config
+from helpers import chat, hf_model, tiny_config, write_checkpoint, write_jsonl
 from lora import AdapterSettings, LoRAError, LoRALinear
 from model import Transformer
 from peft_format import load_adapter, load_adapter_weights, save_adapter
@@ -786,8 +786,6 @@ def test_dora_round_trips_with_peft_after_training(smollm2, hf_base, tmp_path):
 
 def tied_hf_and_ours(tmp_path):
     """A random tiny Llama with tied embeddings, from transformers, and ours loaded from its files."""
-    from test_model import hf_model
-
     hf = hf_model("smollm2")  # tie_word_embeddings=True
     hf.save_pretrained(tmp_path / "base")
     return hf, Transformer.from_pretrained(tmp_path / "base")
@@ -869,8 +867,6 @@ def test_merge_py_merges_dora_and_embedding_adapters(tmp_path, capsys):
     # of the embeddings: each merged checkpoint gives the adapted model's logits (fp32, atol 1e-4);
     # the embedding one unties lm_head (config.json says so) and keeps lm_head's original table
     from merge import merge
-    from test_model import write_checkpoint
-
     base = tmp_path / "base"
     model = tiny(tie_word_embeddings=True)
     write_checkpoint(base, model)
@@ -901,8 +897,6 @@ def test_train_py_use_dora_trains_and_saves_a_dora_adapter(tiny_checkpoint, tmp_
     # train.py --use_dora, the embeddings included: the loss falls, the saved adapter says
     # use_dora and holds magnitudes, (dim,) for the embeddings
     import train
-    from conftest import chat, write_jsonl
-
     rows = [chat(f"w{i} w{i + 1}", f"w{i + 20} w{i + 40}") for i in range(8)]
     out = tmp_path / "out"
     cfg = TrainConfig(model_path=str(tiny_checkpoint), data_path=str(write_jsonl(tmp_path / "t.jsonl", rows)),
@@ -925,8 +919,6 @@ def test_qwen3_peft_adapter_loads_here_and_qlora_runs(tmp_path):
     # with an NF4 base, q_norm/k_norm stay full precision and LoRA trains
     pytest.importorskip("peft", reason="peft names the Qwen3 targets")
     from peft import LoraConfig, get_peft_model
-    from test_model import hf_model
-
     hf = hf_model("qwen3")
     hf.save_pretrained(tmp_path / "base")
     theirs = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",

@@ -8,52 +8,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import tiny_config
 from common import CheckpointError
+from helpers import FAMILIES, hf_model, tiny_config, write_checkpoint
 from model import Config, SwiGLU, Transformer, apply_rope, rope_inv_freq
-
-# One tiny random config per family, each exercising that family's quirks.
-FAMILIES = {
-    "llama2": dict(model_type="llama", num_key_value_heads=4),
-    "tinyllama": dict(model_type="llama", num_key_value_heads=1),
-    "llama3": dict(model_type="llama", rope_theta=500000.0, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=16)),
-    "llama-bias": dict(model_type="llama", attention_bias=True, mlp_bias=True),
-    "smollm2": dict(model_type="llama", hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
-                    tie_word_embeddings=True, rope_theta=100000.0),
-    "mistral": dict(model_type="mistral", head_dim=32, sliding_window=4096),
-    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0),
-    # Qwen3: q_norm/k_norm, head_dim set apart from hidden_size / heads (as 0.6B's 128 vs 1024/16)
-    "qwen3": dict(model_type="qwen3", head_dim=24, tie_word_embeddings=True, rope_theta=1000000.0),
-    "qwen3-untied": dict(model_type="qwen3", head_dim=32, num_key_value_heads=1, tie_word_embeddings=False),
-}
-
-
-def hf_model(family):
-    """A random Hugging Face model of the family, and our config for the same shapes."""
-    transformers = pytest.importorskip("transformers")
-    kw = dict(FAMILIES[family])
-    ours = tiny_config(**{k: v for k, v in kw.items() if k != "sliding_window"})
-    cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-           "qwen3": "Qwen3Config"}[kw.pop("model_type")]
-    d = dict(vocab_size=ours.vocab_size, hidden_size=ours.hidden_size, intermediate_size=ours.intermediate_size,
-             num_hidden_layers=ours.num_hidden_layers, num_attention_heads=ours.num_attention_heads,
-             num_key_value_heads=ours.num_key_value_heads, max_position_embeddings=ours.max_position_embeddings,
-             rms_norm_eps=1e-5)
-    d.update(kw)
-    if "rope_scaling" in d:
-        d["rope_parameters"] = dict(d.pop("rope_scaling"), rope_theta=d.pop("rope_theta"))
-    config = getattr(transformers, cls)(**d)
-    config._attn_implementation = "eager"  # the plainest reference
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # HF inits norms to 1 and biases to 0: randomize so they are tested
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
-
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_hugging_face(family, tmp_path):
@@ -162,28 +119,6 @@ def test_qwen2_has_and_uses_qkv_bias():
         before = model(ids)
         model.model.layers[0].self_attn.v_proj.bias.fill_(0.5)
         assert not torch.allclose(model(ids), before)
-
-
-def write_checkpoint(path, model, shards=1):
-    """Save like Hugging Face does: config.json and one or several safetensors files (+ index)."""
-    path.mkdir(parents=True, exist_ok=True)
-    c = model.config
-    config = {k: getattr(c, k) for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
-                                          "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                          "max_position_embeddings", "tie_word_embeddings", "rope_theta")}
-    (path / "config.json").write_text(json.dumps(config))
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()
-          if not (c.tie_word_embeddings and k == "lm_head.weight")}
-    if shards == 1:
-        save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
-        return
-    keys, weight_map = sorted(sd), {}
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = keys[i::shards]
-        save_file({k: sd[k] for k in part}, path / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, name))
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def test_sharded_checkpoint_loads_to_the_same_logits(tmp_path):

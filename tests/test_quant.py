@@ -3,28 +3,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers import DTYPES, bits_equal, weight
 from memory import format_memory_report, memory_report
 from quant import (DYNAMIC_CODE, NF4_CODE, NF4_MIDPOINTS, NF4Linear, absmax_fp32, dequantize_nf4, quantize_model,
                    quantize_nf4)
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
 
 def bnb_functional():
     return pytest.importorskip("bitsandbytes").functional
-
-
-def bits_equal(a, b):
-    """Bitwise equality (torch.equal would accept 0.0 == -0.0)."""
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(ints[a.element_size()]), b.contiguous().view(ints[b.element_size()]))
-
-
-def weight(shape, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    # Rows with very different scales, like real weights, so block absmaxes vary a lot.
-    return (torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 0.05).to(dtype)
 
 
 def test_nf4_table_is_normal_quantiles():

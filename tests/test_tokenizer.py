@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_tiny_tokenizer
+from helpers import write_tiny_tokenizer
 from tokenizer import Tokenizer, default_system_prompt, render_chat
 
 DATA = Path(__file__).parent / "data"

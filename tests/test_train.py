@@ -15,30 +15,10 @@ from safetensors.torch import load_file
 import common
 from common import InputError
 from config import TrainConfig, parse_args
-from conftest import ROOT, chat, write_jsonl
 import data
+from helpers import ROOT, TINY, chat, config, interrupt_during_step, losses, max_error, write_jsonl
 from loss import CausalLMLoss, LinearCrossEntropy, token_loss
 import train
-
-# Eight examples of word-level "chat" for the tiny model: the reply is a fixed function of the question.
-TINY = [chat(f"w{i} w{i + 1}", f"w{i + 20} w{i + 40} w{i + 60}") for i in range(8)]
-
-
-def config(ckpt, tmp_path, **kw):
-    d = dict(model_path=str(ckpt), data_path=str(write_jsonl(tmp_path / "train.jsonl", TINY)),
-             output_dir=str(tmp_path / "out"), lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-2,
-             warmup_steps=2, micro_batch_size=2, effective_batch_size=4, num_epochs=3, save_every=0, seed=0)
-    return TrainConfig(**{**d, **kw})
-
-
-def losses(out):
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-
-def max_error(xs, ys):
-    """The largest difference between paired tensors, relative to the largest entry of each."""
-    return max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(xs, ys))
-
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fused_loss_equals_the_plain_loss(dtype, tol):
@@ -197,19 +177,6 @@ def test_eval_loss_and_perplexity_are_logged(tiny_checkpoint, tmp_path):
     assert [r["step"] for r in evals] == [1, 2, 3, 4]
     assert all(abs(r["eval_ppl"] - math.exp(r["eval_loss"])) < 1e-3 * r["eval_ppl"] for r in evals)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # the eval rows are training rows too
-
-
-def interrupt_during_step(monkeypatch, n, sig=signal.SIGTERM):
-    """`sig` reaches this process while optimizer step n (counted from 1) runs."""
-    real, calls = data.step_batches, []
-
-    def step_batches(*a):  # called once per optimizer step
-        calls.append(1)
-        if len(calls) == n:
-            os.kill(os.getpid(), sig)
-        return real(*a)
-
-    monkeypatch.setattr(data, "step_batches", step_batches)
 
 
 @pytest.mark.parametrize("optimizer, lora_r", [("adamw", 8), ("adamw8bit", 64)])

@@ -10,12 +10,11 @@ from safetensors import safe_open
 from adapters import apply_lora, lora_layers, merge_and_unload
 from common import InputError
 from config import TrainConfig
-from conftest import ROOT, chat, tiny_config, write_jsonl
 from generate import load
+from helpers import ROOT, chat, random_adapter, tiny_config, write_checkpoint, write_jsonl
 from merge import checkpoint_dtype, merge
 from model import Transformer
 from peft_format import load_adapter, save_adapter
-from test_model import write_checkpoint
 import train
 
 QUESTION = "What is the capital of Brannock?"
@@ -101,11 +100,6 @@ def test_adapter_of_a_tied_lm_head_merges_untied(tmp_path, capsys):
     # The base ties lm_head to its embeddings and the adapter changes lm_head (and q_proj):
     # merge.py writes lm_head.weight, says tie_word_embeddings: false, keeps the embeddings, and
     # the merged logits equal base + adapter's, here (fp32, atol 1e-4) and in transformers.
-    from conftest import tiny_config
-    from adapters import apply_lora, lora_layers
-    from peft_format import save_adapter
-    from test_model import write_checkpoint
-
     base = tmp_path / "tied"
     model = Transformer(tiny_config(tie_word_embeddings=True)).eval()
     write_checkpoint(base, model)
@@ -135,18 +129,6 @@ def merged_in_a_model(base, adapter, dtype=None):
     model = Transformer.from_pretrained(base, dtype=dtype or checkpoint_dtype(base))
     load_adapter(model, adapter)
     return merge_and_unload(model).checkpoint_state_dict()
-
-
-def random_adapter(base, path, **settings):
-    """An adapter of the base with every tensor away from its start (B, DoRA's m, the embeddings' A)."""
-    model = Transformer.from_pretrained(base)
-    apply_lora(model, r=4, alpha=8, verbose=False, **settings)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for t in layer.adapter_tensors("default").values():
-                t.add_(0.05 * torch.randn_like(t)).mul_(1 + 0.1 * torch.randn_like(t))
-    save_adapter(model, path)
-    return path
 
 
 STREAMED = {  # base config, base dtype, base shards, adapter settings, merge.py flags

@@ -12,22 +12,13 @@ import pytest
 import torch
 
 from config import TrainConfig, parse_args
-from conftest import ROOT, chat, write_jsonl
 import data
+from helpers import ROOT, config, interrupt_during_step, tiny_config, write_jsonl
 import observe
 from tokenizer import Tokenizer
 import train
 
-# Word-level "chat" for the tiny model (tests/conftest.py): the reply is a fixed function of the question.
-TINY = [chat(f"w{i} w{i + 1}", f"w{i + 20} w{i + 40} w{i + 60}") for i in range(8)]
 SVG = "{http://www.w3.org/2000/svg}"
-
-
-def config(ckpt, tmp_path, **kw):
-    d = dict(model_path=str(ckpt), data_path=str(write_jsonl(tmp_path / "train.jsonl", TINY)),
-             output_dir=str(tmp_path / "out"), lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-2,
-             warmup_steps=2, micro_batch_size=2, effective_batch_size=4, num_epochs=3, save_every=0, seed=0)
-    return TrainConfig(**{**d, **kw})
 
 
 def jsonl(path):
@@ -140,8 +131,6 @@ def test_eval_prompts_samples_table_and_curve_from_a_run(tiny_checkpoint, tmp_pa
 
 def test_resume_keeps_the_samples_up_to_the_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
     # interrupted during step 4 (saved there), then resumed: samples.jsonl and loss.svg as if never cut
-    from test_train import interrupt_during_step
-
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "w0 w1", "expected": "w20 w40 w60"}])
     whole = config(tiny_checkpoint, tmp_path, num_epochs=4, eval_every=3, eval_prompts=str(prompts),
                    output_dir=str(tmp_path / "whole"))
@@ -302,7 +291,6 @@ def test_ex4_nf4_error_is_below_a_uniform_4bit_grid(smollm2):
 def test_ex5_qlora_stores_block_linears_in_4_127_bits():
     # memory_report of LoRA over an fp32 base and over NF4: the NF4 buffers of the block linears
     # take 4.127/32 of their fp32 bytes (plus one 4-byte offset per layer); LoRA's bytes are the same
-    from conftest import tiny_config
     from adapters import apply_lora
     from model import Transformer
     from memory import memory_report
@@ -368,7 +356,6 @@ def test_ex6_without_the_end_of_turn_the_model_does_not_stop(tiny_checkpoint, tm
 
 def test_ex7_merged_logits_equal_adapter_logits():
     # fp32: merge_and_unload's plain model gives the adapter model's logits within 1e-5
-    from conftest import tiny_config
     from adapters import apply_lora, lora_layers, merge_and_unload
     from model import Transformer
 
