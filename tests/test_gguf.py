@@ -8,6 +8,10 @@
 - Read back with the `gguf` package: keys and their types, every tensor, f32/f16/bf16 data equal
   to the checkpoint's weights (cast, q/k permutation undone), Q8_0 bytes equal to gguf's quantize.
 - The tokenizer in the file encodes text as tokenizer.json does; merge.py --gguf end to end.
+- SentencePiece (tiny Llama 2 and Mistral v0.3 with real tokenizer.model files): every key and
+  tensor equal convert_hf_to_gguf.py's (tests/fixtures/gguf_sentencepiece_llama_cpp.json).
+- The Modelfile's TEMPLATE, rendered as Ollama's Go templates do, equals the published templates'
+  renderings (tests/data/renderings.json) of the chats without tools, character for character.
 """
 import hashlib
 import json
