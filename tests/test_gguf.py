@@ -485,3 +485,18 @@ def test_modelfile_renders_what_the_published_template_does(smollm2, tmp_path, t
         assert r["eos"] in stops
         compared += 1
     assert compared >= 2
+
+
+def test_chat_template_jinja_is_copied_and_goes_in_the_gguf(tiny, tmp_path):
+    # a checkpoint that keeps its template in chat_template.jinja (newer Hugging Face repos): the
+    # merged folder has the file, byte for byte, and the GGUF's tokenizer.chat_template is its text
+    from test_workflow import random_adapter
+
+    path = shutil.copytree(tiny["tiny-llama3"][0], tmp_path / "jinja")
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "chat_template.jinja").write_text(cfg.pop("chat_template"))
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    out = merge.merge(path, random_adapter(path, tmp_path / "adapter", target_modules=["q_proj"]), tmp_path / "merged")
+    assert (out / "chat_template.jinja").read_bytes() == (path / "chat_template.jinja").read_bytes()
+    kv = gguf_export.metadata(out, "f16")
+    assert kv["tokenizer.chat_template"] == (gguf_export.STRING, (path / "chat_template.jinja").read_text())
