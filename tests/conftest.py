@@ -7,7 +7,7 @@ tokenizers made by tests/helpers.py. Tests marked `cuda` need a GPU and are the 
 import pytest
 import torch
 
-from helpers import SMOLLM2, in_ci, make_tiny_checkpoint
+from helpers import SMOLLM2, in_ci, make_tiny_checkpoint, write_chatml_tokenizer
 
 
 def pytest_configure(config):
@@ -49,6 +49,12 @@ def smollm2():
     return SMOLLM2
 
 
+@pytest.fixture
+def chatml_tokenizer(tmp_path):
+    """A folder with SmolLM2's tokenizer pipeline, specials and tokenizer_config.json (a small vocabulary)."""
+    return write_chatml_tokenizer(tmp_path / "chatml")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -60,3 +66,12 @@ def tiny_checkpoint(tmp_path):
     return make_tiny_checkpoint(tmp_path / "tiny")
 
 
+@pytest.fixture
+def hf_base(smollm2):
+    """A loader of SmolLM2 as transformers builds it, for comparisons with PEFT."""
+    pytest.importorskip("peft", reason="peft is needed to compare with PEFT")
+    transformers = pytest.importorskip("transformers", reason="transformers is needed to compare with PEFT")
+
+    def load():
+        return transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    return load

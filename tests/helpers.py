@@ -16,10 +16,13 @@ sys.path.insert(0, str(ROOT))
 from adapters import apply_lora, lora_layers  # noqa: E402
 from config import TrainConfig  # noqa: E402
 import data  # noqa: E402
+from lora import LoRALinear  # noqa: E402
 from model import Config, Transformer  # noqa: E402
 from peft_format import save_adapter  # noqa: E402
+import quant  # noqa: E402
 
-SMOLLM2 = ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
+# NANOLORA_SMOLLM2=/nowhere runs the tests as on a machine without the model
+SMOLLM2 = Path(os.environ.get("NANOLORA_SMOLLM2") or ROOT / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct")
 
 
 def in_ci():
@@ -175,6 +178,51 @@ def random_adapter(base, path, **settings):
                 t.add_(0.05 * torch.randn_like(t)).mul_(1 + 0.1 * torch.randn_like(t))
     save_adapter(model, path)
     return path
+
+
+# --- LoRA on tiny models ----------------------------------------------------------------------------------------------
+
+BLOCK_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return Transformer(tiny_config(**kw)).eval()
+
+
+def ids(n=12, vocab=128):
+    return torch.randint(0, vocab, (2, n))
+
+
+def randomize_B(model, adapter="default", std=0.05):
+    """A fresh adapter is a no-op (B = 0); give B values so the adapter does something."""
+    with torch.no_grad():
+        for _, m in lora_layers(model):
+            if isinstance(m, LoRALinear) and adapter in m.lora_B:
+                m.lora_B[adapter].weight.normal_(0, std)
+
+
+def lora_model(**kw):
+    model = tiny()
+    apply_lora(model, verbose=False, **kw)
+    randomize_B(model)
+    return model
+
+
+def quantized_and_dequantized():
+    """A tiny model with NF4 linear layers, and a plain one holding their dequantized weights."""
+    qmodel = quant.quantize_model(tiny())
+    plain = tiny()
+    plain.load_state_dict(plain.state_dict() | {f"{n}.weight": m.dequantize(torch.float32)
+                                                for n, m in qmodel.named_modules() if hasattr(m, "dequantize")})
+    return qmodel, plain
+
+
+def tied_hf_and_ours(tmp_path):
+    """A random tiny Llama with tied embeddings, from transformers, and ours loaded from its files."""
+    hf = hf_model("smollm2")  # tie_word_embeddings=True
+    hf.save_pretrained(tmp_path / "base")
+    return hf, Transformer.from_pretrained(tmp_path / "base")
 
 
 # --- data and training runs -------------------------------------------------------------------------------------------

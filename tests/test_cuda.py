@@ -25,7 +25,6 @@ from quant import NF4Linear, _dequantize_bnb, dequantize_nf4, quantize_nf4
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-
 def run(script, *args, cpu=False):
     """A script in a fresh process; cpu=True hides the GPUs from it (train.py then runs fp32 on CPU)."""
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})}

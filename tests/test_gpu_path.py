@@ -23,7 +23,6 @@ from quant import NF4Linear, quantize_model
 import train
 
 
-
 def saved_tensors(fn):
     """(dtype, numel, tensor) of every tensor autograd keeps for backward while fn() runs."""
     saved = []

@@ -12,6 +12,7 @@ from common import CheckpointError
 from helpers import FAMILIES, hf_model, tiny_config, write_checkpoint
 from model import Config, SwiGLU, Transformer, apply_rope, rope_inv_freq
 
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_hugging_face(family, tmp_path):
     # Saved by transformers (its own config.json spelling, safetensors), loaded by us: fp32 logits

@@ -1,5 +1,4 @@
 """train.py: the loss, overfitting, resume, DDP equivalence, QLoRA, bad input, a real model learning."""
-import io
 import json
 import math
 import os
@@ -12,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
 from common import InputError
 from config import TrainConfig, parse_args
 import data
 from helpers import ROOT, TINY, chat, config, interrupt_during_step, losses, max_error, write_jsonl
 from loss import CausalLMLoss, LinearCrossEntropy, token_loss
 import train
+
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fused_loss_equals_the_plain_loss(dtype, tol):
@@ -291,50 +290,6 @@ def test_qlora_with_gradient_checkpointing_trains(tiny_checkpoint, tmp_path):
     assert loss[-1] < 0.5 * loss[0]
 
 
-def test_cpu_threads_leave_the_cores_busy_now_alone(monkeypatch, tmp_path):
-    # The runnable count of /proc/loadavg decides, not the load average: a high average with
-    # only this process runnable (a run just finished) keeps every thread; three others
-    # runnable on 4 cores leave 1; the least of the samples counts (a passing command is not
-    # busy); OMP_NUM_THREADS set: that; no /proc: torch's own count.
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    loadavg = tmp_path / "loadavg"
-    loadavg.write_text("3.90 3.10 2.00 1/80 4242\n")
-    assert common.runnable_now(loadavg, samples=1) == 1
-    samples = iter(["0.1 0.1 0.1 5/80 1", "0.1 0.1 0.1 2/80 1", "0.1 0.1 0.1 6/80 1"])
-    with monkeypatch.context() as m:
-        m.setattr(common, "open", lambda path: io.StringIO(next(samples)), raising=False)  # common's open only
-        assert common.runnable_now(samples=3, interval=0) == 2
-    monkeypatch.setattr(common, "runnable_now", lambda: 1)
-    assert common.cpu_threads() == 4
-    monkeypatch.setattr(common, "runnable_now", lambda: 4)
-    assert common.cpu_threads() == 1
-    monkeypatch.setattr(common, "runnable_now", lambda: (_ for _ in ()).throw(FileNotFoundError("/proc/loadavg")))
-    assert common.cpu_threads() == 4
-    monkeypatch.setattr(common, "runnable_now", lambda: 4)
-    monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    assert common.cpu_threads() == 4
-
-
-def test_written_atomically_leaves_the_old_folder_after_a_failure(tmp_path):
-    from common import written_atomically
-
-    target = tmp_path / "ckpt"
-    target.mkdir()
-    (target / "a.txt").write_text("old")
-    with pytest.raises(OSError):
-        with written_atomically(target) as tmp:
-            tmp.mkdir()
-            (tmp / "a.txt").write_text("half")
-            raise OSError("disk full")
-    assert (target / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-    with written_atomically(target) as tmp:
-        tmp.mkdir()
-        (tmp / "b.txt").write_text("new")
-    assert [p.name for p in target.iterdir()] == ["b.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-
-
 def run_cli(*args):
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
@@ -422,3 +377,23 @@ def test_real_model_learns_invented_facts(smollm2, tmp_path):
                       warmup_steps=2, lora_dropout=0.0, save_every=0)
     train.train(cfg)
     assert answers(str(tmp_path / "out")) == expected
+
+
+def test_train_py_use_dora_trains_and_saves_a_dora_adapter(tiny_checkpoint, tmp_path):
+    # train.py --use_dora, the embeddings included: the loss falls, the saved adapter says
+    # use_dora and holds magnitudes, (dim,) for the embeddings
+    import train
+    rows = [chat(f"w{i} w{i + 1}", f"w{i + 20} w{i + 40}") for i in range(8)]
+    out = tmp_path / "out"
+    cfg = TrainConfig(model_path=str(tiny_checkpoint), data_path=str(write_jsonl(tmp_path / "t.jsonl", rows)),
+                      output_dir=str(out), lora_r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True,
+                      target_modules="q_proj,v_proj,embed_tokens", learning_rate=1e-2, warmup_steps=0,
+                      micro_batch_size=4, effective_batch_size=4, max_steps=6, save_every=0, seed=0)
+    train.train(cfg)
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses[-1] < losses[0]
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    keys = set(load_file(out / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in keys
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.embed_tokens.lora_magnitude_vector"].shape == (64,)
