@@ -122,22 +122,24 @@ class CtrlC(io.StringIO):
 
 def test_ctrl_c_mid_reply_leaves_the_model_ready_for_the_next(endless):
     model, tok = load(endless)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup or in a background job
     chat = Chat(model, tok, {}, dict(max_new_tokens=1000), chat=False, out=CtrlC(at=3))
     assert chat.reply("w1 w2") is False  # stopped, no exception
     assert chat.out.getvalue().endswith("\n") and len(chat.out.getvalue().split()) < 10
     assert all(b.self_attn.kv_cache is None for b in model.model.layers)  # the cache is freed
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C outside a reply leaves
+    assert signal.getsignal(signal.SIGINT) is before  # restored: Ctrl-C outside a reply acts as it did before
     chat.out, chat.sampling = io.StringIO(), dict(max_new_tokens=20)
     assert chat.reply("w1 w2") is True and chat.out.getvalue().strip()  # ran to max_new_tokens
 
 
 def test_a_second_ctrl_c_in_a_reply_leaves_the_chat(endless):
     model, tok = load(endless)
+    before = signal.getsignal(signal.SIGINT)
     chat = Chat(model, tok, {}, dict(max_new_tokens=1000), chat=False, out=CtrlC(at=3, times=2))
     with pytest.raises(KeyboardInterrupt):
         chat.reply("w1 w2")
     assert all(b.self_attn.kv_cache is None for b in model.model.layers)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
     chat.out = CtrlC(at=3, times=2)
     prompts = iter(["w1 w2", "never read"])
     chat.run(lambda shown: next(prompts))  # returns: the chat is left, quietly
