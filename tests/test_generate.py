@@ -47,9 +47,10 @@ def test_generation_uses_the_cache_and_stops_at_eos():
     assert all(b.self_attn.kv_cache is None for b in model.model.layers)  # cache freed
 
 
-def test_chatml_prompt_equals_the_checkpoint_template(smollm2):
-    # SmolLM2's own jinja template, rendered by hand: the default system prompt, then the turn.
-    tok = Tokenizer(smollm2)
+def test_chatml_prompt_equals_the_checkpoint_template(chatml_tokenizer):
+    # SmolLM2's own jinja template (its tokenizer_config.json's, on the stand-in tokenizer), rendered by hand:
+    # the default system prompt, then the turn.
+    tok = Tokenizer(chatml_tokenizer)
     text, spans = tok.render(QUESTION, add_generation_prompt=True)
     assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
                     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
@@ -58,11 +59,11 @@ def test_chatml_prompt_equals_the_checkpoint_template(smollm2):
     assert ids[0] == tok.token_id("<|im_start|>") and ids.count(tok.token_id("<|im_start|>")) == 3
 
 
-def test_chat_template_matches_transformers(smollm2):
+def test_chat_template_matches_transformers(chatml_tokenizer):
     # transformers renders the checkpoint's jinja template; ours must give the same string and ids.
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(smollm2)
-    tok = Tokenizer(smollm2)
+    hf = transformers.AutoTokenizer.from_pretrained(chatml_tokenizer)
+    tok = Tokenizer(chatml_tokenizer)
     chats = [QUESTION, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]]
     for messages in chats:
