@@ -157,7 +157,8 @@ def bench_generate(args, dtype, bandwidth):
           f"{floor:.1f} tok/s; ours reaches {tok_s / floor:.0%} of it")
     if ref_s:
         ref_tok_s = 1 / statistics.median(ref_s)
-        print(f"  transformers generate: {ref_tok_s:.1f} tok/s (decode, same settings); ours / transformers = {tok_s / ref_tok_s:.2f}x")
+        print(f"  transformers generate: {ref_tok_s:.1f} tok/s (decode, same settings); "
+              f"ours / transformers = {tok_s / ref_tok_s:.2f}x")
 
 
 def bench_quantize(args):
@@ -165,10 +166,12 @@ def bench_quantize(args):
     from quant import quantize_nf4
 
     ours = our_model(args, torch.bfloat16)
-    weights = [m.weight.data for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+    weights = [m.weight.data for n, m in ours.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
     n_params = sum(w.numel() for w in weights)
     ours_s = timed(lambda: [quantize_nf4(w) for w in weights], args.device)
-    line = f"quantize: NF4 of {len(weights)} linear weights ({n_params / 1e6:.0f}M params, bf16, double quant): ours {ours_s:.2f} s"
+    line = (f"quantize: NF4 of {len(weights)} linear weights ({n_params / 1e6:.0f}M params, bf16, double quant): "
+            f"ours {ours_s:.2f} s")
     try:
         import bitsandbytes.functional as bnbf
     except ImportError:
@@ -220,13 +223,15 @@ def train_worker(args):
         kw = {}
         if args.qlora:
             kw["quantization_config"] = transformers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype)
         if args.config_json and args.qlora:  # transformers quantizes only while loading: save random weights first
             import tempfile
             config = transformers.AutoConfig.for_model(**json.load(open(args.config_json)))
             with tempfile.TemporaryDirectory() as tmp:
                 transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(tmp)
-                model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, device_map=args.device, **kw)
+                model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, device_map=args.device,
+                                                                          **kw)
         elif args.config_json:
             config = transformers.AutoConfig.for_model(**json.load(open(args.config_json)))
             with torch.device(args.device):  # built in dtype on the device, as ours
@@ -268,7 +273,8 @@ def train_worker(args):
     if args.impl == "ours":  # weights + LoRA + gradients + AdamW state, before activations
         from memory import memory_report
         estimate = memory_report(model)["total_bytes"]
-    print(json.dumps({"tok_s": B * T / dt, "peak_bytes": peak, "estimate_bytes": estimate, "threads": torch.get_num_threads()}))
+    print(json.dumps({"tok_s": B * T / dt, "peak_bytes": peak, "estimate_bytes": estimate,
+                      "threads": torch.get_num_threads()}))
 
 
 def peak_rss():
@@ -289,9 +295,9 @@ def lora_train_flops_per_token(config, seq_len, r):
     per_layer = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) \
         + 3 * c.hidden_size * c.intermediate_size
     frozen = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size
-    lora = c.num_hidden_layers * r * (
-        (c.hidden_size + c.num_attention_heads * c.head_dim) * 2 + (c.hidden_size + c.num_key_value_heads * c.head_dim) * 2
-        + 3 * (c.hidden_size + c.intermediate_size))
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    lora = c.num_hidden_layers * r * ((c.hidden_size + q) * 2 + (c.hidden_size + kv) * 2
+                                      + 3 * (c.hidden_size + c.intermediate_size))
     attention = c.num_hidden_layers * 2 * 2 * (seq_len / 2) * c.num_attention_heads * c.head_dim
     qkv_out = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
     first_qkv_input_grad = 2 * c.hidden_size * qkv_out + 2 * c.hidden_size * r * 3
@@ -327,7 +333,8 @@ def last_error(r):
 def worker_command(args):
     """The command line of one train_worker process with this run's shape (--impl etc. to add)."""
     cmd = [sys.executable, __file__, "--worker", "--device", args.device, "--steps", str(args.steps),
-           "--seq_len", str(args.seq_len), "--micro_batch_size", str(args.micro_batch_size), "--lora_r", str(args.lora_r)]
+           "--seq_len", str(args.seq_len), "--micro_batch_size", str(args.micro_batch_size),
+           "--lora_r", str(args.lora_r)]
     cmd += ["--config_json", args.config_json] if args.config_json else ["--model_path", args.model_path]
     return cmd + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
 
@@ -375,7 +382,8 @@ def bench_train(args, flops):
             mfu = res["tok_s"] * per_token / flops
             est = res["estimate_bytes"]
             est = f"  (memory_report: {est / 2**20:.0f} MiB before activations)" if est else ""
-            print(f"  {impl:18s} {res['tok_s']:8.0f} tok/s  {res['peak_bytes'] / 2**20:8.0f} MiB {mem}  MFU {mfu:.1%}{est}")
+            print(f"  {impl:18s} {res['tok_s']:8.0f} tok/s  {res['peak_bytes'] / 2**20:8.0f} MiB {mem}  "
+                  f"MFU {mfu:.1%}{est}")
         if len(results) == 2:
             o, h = results["ours"], results["transformers+peft"]
             print(f"  ours / transformers+peft: {o['tok_s'] / h['tok_s']:.2f}x tokens/s, "
@@ -425,9 +433,10 @@ def bench_fsdp(args):
 
     if args.config_json:
         return print("fsdp: needs a checkpoint (--model_path), not --config_json")
-    flags = ["--model_path", args.model_path, "--micro_batch_size", str(args.micro_batch_size), "--effective_batch_size",
-             str(2 * args.micro_batch_size), "--max_steps", str(args.steps), "--max_seq_len", str(args.seq_len),
-             "--lora_r", str(args.lora_r), "--save_every", "0"] + (["--load_in_4bit"] if args.qlora else [])
+    flags = ["--model_path", args.model_path, "--micro_batch_size", str(args.micro_batch_size),
+             "--effective_batch_size", str(2 * args.micro_batch_size), "--max_steps", str(args.steps),
+             "--max_seq_len", str(args.seq_len), "--lora_r", str(args.lora_r), "--save_every", "0"]
+    flags += ["--load_in_4bit"] if args.qlora else []
     peaks = {}
     for name, extra in (("DDP", []), ("FSDP", ["--fsdp"])):
         with tempfile.TemporaryDirectory() as tmp:
@@ -439,7 +448,8 @@ def bench_fsdp(args):
         peaks[name] = [int(v) for _, v in sorted(re.findall(r"^peak (\d+) (\d+)$", r.stdout, re.M))]
         estimate = int(re.search(r"^estimate (\d+)$", r.stdout, re.M)[1])
         print(f"fsdp: 2 processes, {name}{' QLoRA' if args.qlora else ''}: peak per process "
-              f"{', '.join(f'{p / 2**20:.0f}' for p in peaks[name])} MiB (--estimate_memory: {estimate / 2**20:.0f} MiB)")
+              f"{', '.join(f'{p / 2**20:.0f}' for p in peaks[name])} MiB "
+              f"(--estimate_memory: {estimate / 2**20:.0f} MiB)")
     print(f"  FSDP / DDP: {max(peaks['FSDP']) / max(peaks['DDP']):.2f}x peak memory per process")
 
 
@@ -467,7 +477,8 @@ def main():
         return train_worker(args)
     only = set(args.only.split(","))
     torch.manual_seed(0)
-    print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else f'{torch.get_num_threads()} threads'}), "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"device: {args.device} ({where}), "
           f"torch {torch.__version__}, model: {args.config_json or args.model_path}")
     flops, bandwidth = machine(args.device) if only & {"machine", "generate", "train"} else (None, None)
     if "machine" in only:

@@ -3,11 +3,12 @@
 DDP keeps a whole model on every rank. FSDP cuts every parameter along dim 0 into one piece per
 rank (the last padded), so each rank holds 1/world of the frozen base (NF4 or 16-bit), of the
 LoRA weights, of their gradients and of the optimizer states. Each transformer block is one FSDP
-unit, and the root (embeddings, final norm, lm_head, with the module the step calls) is another.
-What is gathered, and when:
+unit, so are the embeddings and lm_head (when they are two tables, not one tied), and the root
+(the final norm, with the module the step calls) is another. What is gathered, and when:
   forward   a block's parameters are all-gathered just before it runs and freed after it
             (reshard_after_forward), so one block is whole at a time (two while the next is
-            gathered); the root is whole for the whole step, its forward containing the blocks';
+            gathered); the embeddings while they look up, lm_head while the loss runs; the root
+            is whole for the whole step, its forward containing the others';
   backward  each block is gathered again; its LoRA gradients are reduce-scattered, each rank
             keeping the sum over ranks of its own piece (divided by world: the mean, as DDP);
   step      the optimizer updates only this rank's pieces (DTensors), no communication;
@@ -17,7 +18,7 @@ Loading never holds the whole model in 16 bits: blocks are read one at a time fr
 files (memory-mapped), quantized, given their LoRA weights and sharded before the next is read.
 
     model = load_sharded(path, torch.bfloat16, device, quantize=True, lora=dict(r=16, ...))
-    loss_fn = shard_root(CausalLMLoss(model))  # the module whose forward runs model and loss
+    loss_fn = shard_root(CausalLMLoss(model), model)  # the module whose forward runs model and loss
 """
 from contextlib import contextmanager
 
@@ -88,10 +89,16 @@ def load_sharded(path, dtype, device, quantize, lora, cpu_offload=False):
     return model
 
 
-def shard_root(root, cpu_offload=False):
-    """Shard what is left outside the blocks (embeddings, final norm, lm_head) as one unit around
-    `root`, the module whose forward the training step calls (the model, or a loss around it).
-    Call it before making the optimizer: sharding replaces each parameter by a new one."""
+def shard_root(root, model, cpu_offload=False):
+    """Shard what is left outside the blocks: the embeddings and lm_head each as a unit of its own,
+    then the rest (the final norm; tied embeddings and lm_head, one tensor, which FSDP cannot give
+    to two units) as one unit around `root`, the module whose forward the training step calls
+    (the model, or a loss around it). Call it before making the optimizer: sharding replaces each
+    parameter by a new one. (A Llama 3 vocabulary is 128k rows: 2 GiB for the two tables of 8B in
+    bf16, 8 GiB for 405B, which the root would otherwise keep whole through the step.)"""
+    if not model.config.tie_word_embeddings:
+        _shard(model.model.embed_tokens, cpu_offload)
+        _shard(model.lm_head, cpu_offload)  # the fused loss gathers it itself (loss.py): it reads the weight
     _shard(root, cpu_offload)
     return root
 

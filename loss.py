@@ -12,6 +12,7 @@ it whenever it is used, so an edited token_loss is never silently replaced by th
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 from data import IGNORE
 
@@ -44,9 +45,18 @@ class CausalLMLoss(nn.Module):
         if keep is None:  # logits only where a token is trained (replies, not prompts)
             keep = (targets.view(-1) != IGNORE).nonzero().squeeze(1)
         h, targets = h.flatten(0, 1).index_select(0, keep), targets.view(-1).index_select(0, keep)  # (N, C), (N,)
+        head = self.model.lm_head
         if not self.fused:
-            return token_loss(self.model.lm_head(h), targets)  # the (N, vocab) logits, then the loss
-        return LinearCrossEntropy.apply(h, self.model.lm_head.weight, targets)  # the same, chunk by chunk
+            return token_loss(head(h), targets)  # the (N, vocab) logits, then the loss
+        if not isinstance(head, FSDPModule):
+            return LinearCrossEntropy.apply(h, head.weight, targets)  # the same, chunk by chunk
+        # --fsdp with lm_head a unit of its own: its weight is read, not called, so FSDP's hooks do
+        # not gather it. Gathered here, and freed after: backward needs only the saved grad_h.
+        head.unshard()
+        try:
+            return LinearCrossEntropy.apply(h, head.weight, targets)
+        finally:
+            head.reshard()
 
 
 def fused_loss_applies(model):

@@ -178,7 +178,7 @@ def make_loss(cfg, model, world, device):
     or with --fsdp sharded (its own parameters: embeddings, final norm, lm_head; the blocks are already)."""
     loss_fn = CausalLMLoss(model, fused=cfg.loss == "fused" and fused_loss_applies(model))
     if cfg.fsdp:
-        return fsdp.shard_root(loss_fn, cfg.fsdp_cpu_offload)
+        return fsdp.shard_root(loss_fn, model, cfg.fsdp_cpu_offload)
     return loss_fn if world == 1 else distributed.ddp(loss_fn, device)
 
 
