@@ -22,6 +22,8 @@ rsLoRA). DoRA has no GGUF form: llama.cpp has no magnitude vector; it is refused
 of the embeddings or lm_head of a tied base: llama.cpp's output reuses token_embd, adapter and
 all, and its matmul asserts on the embedding's transposed lora_a (tried: xllamacpp 2026.10.11549).
 """
+import math
+
 from common import InputError
 import gguf_export
 from peft_format import CONFIG_FILE, WEIGHTS_FILE
@@ -41,17 +43,19 @@ def check(adapter_path, config, tied, layers):
 
 
 def metadata(adapter_path, c, settings):
+    """The adapter file's key/values; alpha such that llama.cpp's alpha / r is the adapter's scaling."""
     arch, _ = gguf_export.ARCHS[c.model_type]
+    alpha = settings.alpha * math.sqrt(settings.r) if settings.use_rslora else settings.alpha
     S = gguf_export.STRING
     return {"general.architecture": (S, arch), "general.type": (S, "adapter"), "adapter.type": (S, "lora"),
             "general.name": (S, adapter_path.name),
-            "adapter.lora.alpha": (gguf_export.FLOAT32, settings.scaling * settings.r),  # llama.cpp's alpha / r
+            "adapter.lora.alpha": (gguf_export.FLOAT32, alpha),
             "general.quantization_version": (gguf_export.UINT32, 2)}
 
 
 def tensors(layers, c, ftype):
     """[(GGUF name, shape, ggml type, load)] for the adapter's {layer name: {PEFT suffix: tensor}}."""
-    arch, permuted = gguf_export.ARCHS[c.model_type]
+    _, permuted = gguf_export.ARCHS[c.model_type]
     heads = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads} if permuted else {}
     out = []
     for name in sorted(layers):

@@ -323,7 +323,7 @@ def sentencepiece_checkpoint(path, name):
     tokenizer.model from mistral_common, tokenizer.json as transformers converts it (Metaspace,
     BPE with byte fallback), tokenizer_config.json as Llama 2's (add_bos_token, added_tokens_decoder)."""
     pytest.importorskip("sentencepiece")  # transformers converts tokenizer.model with it
-    import mistral_common
+    mistral_common = pytest.importorskip("mistral_common")  # ships the tokenizer.model files
     from transformers import AutoTokenizer
 
     model_type, model_file, template = SENTENCEPIECE[name]
