@@ -15,8 +15,8 @@
 """
 import hashlib
 import json
-import shutil
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -490,8 +490,6 @@ def test_modelfile_renders_what_the_published_template_does(smollm2, tmp_path, t
 def test_chat_template_jinja_is_copied_and_goes_in_the_gguf(tiny, tmp_path):
     # a checkpoint that keeps its template in chat_template.jinja (newer Hugging Face repos): the
     # merged folder has the file, byte for byte, and the GGUF's tokenizer.chat_template is its text
-    from test_workflow import random_adapter
-
     path = shutil.copytree(tiny["tiny-llama3"][0], tmp_path / "jinja")
     cfg = json.loads((path / "tokenizer_config.json").read_text())
     (path / "chat_template.jinja").write_text(cfg.pop("chat_template"))
