@@ -193,6 +193,59 @@ def held_bytes(model):
                 for t in [*model.parameters(), *model.buffers()]}.values())
 
 
+def ours_to_train(args, dtype):
+    """(model, loss of a batch of ids): ours with LoRA on every linear layer, the fused loss."""
+    from adapters import apply_lora
+    from loss import CausalLMLoss
+
+    model = our_model(args, dtype, quantize="nf4" if args.qlora else None)
+    apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0, target_modules="all-linear",
+               use_dora=args.dora, verbose=False)
+    model.enable_gradient_checkpointing(args.gradient_checkpointing)
+    loss_fn = CausalLMLoss(model, fused=True).train()
+
+    def loss_of(ids):
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE)], 1)
+        return loss_fn(ids, targets, None, None) / (targets != IGNORE).sum()
+    return model, loss_of
+
+
+def reference_to_train(args, dtype):
+    """(model, loss of a batch of ids): transformers + peft (+ bitsandbytes for QLoRA), the same shape."""
+    import peft
+    import transformers
+
+    kw = {}
+    if args.qlora:
+        kw["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    if args.config_json and args.qlora:  # transformers quantizes only while loading: save random weights first
+        import tempfile
+        config = transformers.AutoConfig.for_model(**json.load(open(args.config_json)))
+        with tempfile.TemporaryDirectory() as tmp:
+            transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(tmp)
+            model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, device_map=args.device,
+                                                                      **kw)
+    elif args.config_json:
+        config = transformers.AutoConfig.for_model(**json.load(open(args.config_json)))
+        with torch.device(args.device):  # built in dtype on the device, as ours
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(resolve_checkpoint(args.model_path), dtype=dtype,
+                                                                  device_map=args.device, **kw)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                                        target_modules="all-linear", task_type="CAUSAL_LM",
+                                                        use_dora=args.dora)).train()
+
+    def loss_of(ids):
+        return model(input_ids=ids, labels=ids).loss
+    return model, loss_of
+
+
 def train_worker(args):
     """One training configuration in this process; prints a JSON line with its figures."""
     torch.manual_seed(0)
@@ -202,57 +255,10 @@ def train_worker(args):
         torch.set_num_threads(cpu_threads())
     dtype = default_dtype(args.device)
     B, T = args.micro_batch_size, args.seq_len
-    if args.impl == "ours":
-        from adapters import apply_lora
-        from loss import CausalLMLoss
-
-        model = our_model(args, dtype, quantize="nf4" if args.qlora else None)
-        apply_lora(model, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0, target_modules="all-linear",
-                   use_dora=args.dora, verbose=False)
-        model.enable_gradient_checkpointing(args.gradient_checkpointing)
-        loss_fn = CausalLMLoss(model, fused=True).train()
-        vocab = model.config.vocab_size
-
-        def loss_of(ids):
-            targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE)], 1)
-            return loss_fn(ids, targets, None, None) / (targets != IGNORE).sum()
-    else:
-        import peft
-        import transformers
-
-        kw = {}
-        if args.qlora:
-            kw["quantization_config"] = transformers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype)
-        if args.config_json and args.qlora:  # transformers quantizes only while loading: save random weights first
-            import tempfile
-            config = transformers.AutoConfig.for_model(**json.load(open(args.config_json)))
-            with tempfile.TemporaryDirectory() as tmp:
-                transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(tmp)
-                model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, device_map=args.device,
-                                                                          **kw)
-        elif args.config_json:
-            config = transformers.AutoConfig.for_model(**json.load(open(args.config_json)))
-            with torch.device(args.device):  # built in dtype on the device, as ours
-                model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-        else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(resolve_checkpoint(args.model_path), dtype=dtype,
-                                                                      device_map=args.device, **kw)
-        if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                                            target_modules="all-linear", task_type="CAUSAL_LM",
-                                                            use_dora=args.dora)).train()
-        vocab = model.config.vocab_size
-
-        def loss_of(ids):
-            return model(input_ids=ids, labels=ids).loss
-
+    model, loss_of = (ours_to_train if args.impl == "ours" else reference_to_train)(args, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, vocab, (B, T), device=args.device)
+    ids = torch.randint(0, model.config.vocab_size, (B, T), device=args.device)
 
     def step():
         loss_of(ids).backward()
