@@ -50,7 +50,7 @@ import gguf_sentencepiece
 import kquants
 from common import CheckpointError
 from model import Config
-from tokenizer import END_OF_TURN, Tokenizer, read_json, token_content
+from tokenizer import END_OF_TURN, Tokenizer, read_json, stored_chat_template, token_content
 
 # model_type -> (GGUF architecture, q/k rows permuted for llama.cpp's rope). One line per family.
 ARCHS = {
@@ -152,9 +152,7 @@ def tokenizer_kv(path, vocab_size, arch):
         kv[f"tokenizer.ggml.{SPECIAL_KEYS[kind]}_token_id"] = (UINT32, i)
     for kind, add in add_special(tok_json, cfg).items():
         kv[f"tokenizer.ggml.add_{kind}_token"] = (BOOL, add)
-    chat = cfg.get("chat_template")
-    if chat is None and (path / "chat_template.jinja").exists():
-        chat = (path / "chat_template.jinja").read_text()
+    chat = stored_chat_template(path, cfg)
     if isinstance(chat, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t["name"]: t["template"] for t in chat}
         for name, text in named.items():

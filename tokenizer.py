@@ -43,6 +43,15 @@ def token_content(token):  # tokenizer_config writes special tokens as "<s>" or 
     return token.get("content") if isinstance(token, dict) else token
 
 
+def stored_chat_template(path, cfg):
+    """The checkpoint's chat template as stored: tokenizer_config.json's `chat_template` (a string,
+    or a list of named ones), else the chat_template.jinja newer repos keep beside it; or None."""
+    chat = cfg.get("chat_template")
+    if chat is None and (Path(path) / "chat_template.jinja").is_file():
+        chat = (Path(path) / "chat_template.jinja").read_text()
+    return chat
+
+
 class Tokenizer:
     def __init__(self, path, template=None):
         path = Path(path)
@@ -70,7 +79,7 @@ class Tokenizer:
             self.eos_ids.add(e)
         pad = self.token_id(token_content(cfg.get("pad_token")))
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
-        chat_template = cfg.get("chat_template") or ""
+        chat_template = stored_chat_template(path, cfg) or ""
         if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, ...]
             chat_template = next((t["template"] for t in chat_template if t.get("name") == "default"), "")
         self.template = template or detect_template(chat_template)

@@ -30,7 +30,7 @@ import gguf_export
 from helpers import ROOT, SMOLLM2, random_adapter, write_checkpoint
 import merge
 from model import Config, Transformer
-from tokenizer import split_thinking
+from tokenizer import Tokenizer, split_thinking
 import train
 
 gguf = pytest.importorskip("gguf")  # the reference reader and quantizer (test-only)
@@ -498,3 +498,8 @@ def test_chat_template_jinja_is_copied_and_goes_in_the_gguf(tiny, tmp_path):
     assert (out / "chat_template.jinja").read_bytes() == (path / "chat_template.jinja").read_bytes()
     kv = gguf_export.metadata(out, "f16")
     assert kv["tokenizer.chat_template"] == (gguf_export.STRING, (path / "chat_template.jinja").read_text())
+    # training and the Modelfile read it too: the same template, system date and stops as from
+    # tokenizer_config.json, so the Modelfile is the one the original folder gives
+    same = (lambda t: (t.template, t.system_date, t.default_system, t.eos_ids))
+    assert same(Tokenizer(path)) == same(Tokenizer(tiny["tiny-llama3"][0])) and Tokenizer(path).template is not None
+    assert gguf_export.modelfile("m.gguf", out) == gguf_export.modelfile("m.gguf", tiny["tiny-llama3"][0])
