@@ -39,11 +39,13 @@ import gguf_export
 import gguf_lora
 from hub import resolve_checkpoint, same_checkpoint
 from lora import lora_delta
-from model import Config, Transformer, weight_files
+from model import Config, Transformer, check_keys, weight_files
 from peft_format import PEFT_PREFIX, check_adapter_folder, match_adapter, read_adapter, settings_of
 
+# what a merged folder keeps besides the weights: tokenizer.model holds SentencePiece's pieces,
+# chat_template.jinja newer repos' template
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-          "tokenizer.model", "added_tokens.json", "chat_template.jinja")  # SentencePiece's pieces; newer repos' template
+          "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
@@ -78,13 +80,9 @@ def checked_base(path, model):
     """{key: (file, shape)} of the base checkpoint in `model`'s order, after checking, as
     Transformer.from_pretrained does, that it holds exactly the model's tensors with their shapes,
     from the files' headers alone (model: on the meta device)."""
-    files, tied = weight_files(path), model.config.tie_word_embeddings
+    files = weight_files(path)
     expected = {k: tuple(t.shape) for k, t in model.checkpoint_state_dict().items()}
-    found = {k for k in files if not k.endswith("rotary_emb.inv_freq")} - ({"lm_head.weight"} if tied else set())
-    for problem, keys in (("missing", expected.keys() - found), ("unexpected", found - expected.keys())):
-        if keys:
-            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise CheckpointError(f"{path}: {problem} tensor {min(keys)}{more}")
+    check_keys(path, files, expected, model.config.tie_word_embeddings)
     shapes = {}
     for file in sorted({files[k] for k in expected}):
         try:

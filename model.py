@@ -384,13 +384,7 @@ def open_checkpoint(path, dtype, device):
     files = weight_files(path)
     with torch.device("meta"):
         model = Transformer(config)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()  # some tied checkpoints store it anyway
-    expected = set(model.state_dict()) - tied
-    found = {k for k in files if not k.endswith("rotary_emb.inv_freq")} - tied
-    for what, keys in (("missing", sorted(expected - found)), ("unexpected", sorted(found - expected))):
-        if keys:
-            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise CheckpointError(f"{path}: {what} tensor {keys[0]}{more}")
+    check_keys(path, files, set(model.state_dict()), config.tie_word_embeddings)
 
     def read(key, shape):
         try:
@@ -403,6 +397,18 @@ def open_checkpoint(path, dtype, device):
         return t.to(device=device, dtype=dtype)
 
     return config, model, read
+
+
+def check_keys(path, files, expected, tied):
+    """The checkpoint's tensor keys (files: {key: file}) are exactly `expected`, or the first
+    missing or unexpected one is named. A tied lm_head is not expected (some tied checkpoints store
+    it anyway), nor rotary tables older checkpoints kept."""
+    tied = {"lm_head.weight"} if tied else set()
+    expected, found = set(expected) - tied, {k for k in files if not k.endswith("rotary_emb.inv_freq")} - tied
+    for what, keys in (("missing", sorted(expected - found)), ("unexpected", sorted(found - expected))):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise CheckpointError(f"{path}: {what} tensor {keys[0]}{more}")
 
 
 def weight_files(path):
