@@ -11,7 +11,8 @@ from helpers import SMOLLM2, in_ci, make_tiny_checkpoint, write_chatml_tokenizer
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (run them: python -m pytest -m cuda tests)")
+    config.addinivalue_line("markers",
+                            "cuda: needs a CUDA GPU; skipped without one (run them: python -m pytest -m cuda tests)")
 
 
 @pytest.hookimpl(wrapper=True)

@@ -70,7 +70,8 @@ def make_tiny_checkpoint(path, **config):
     write_tiny_tokenizer(path, model.config.vocab_size)
     (path / "tokenizer_config.json").write_text(json.dumps({
         "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "add_bos_token": False,
-        "chat_template": "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}"}))
+        "chat_template": "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                         "'<|im_end|>\\n'}}{% endfor %}"}))
     return path
 
 
@@ -114,8 +115,8 @@ def write_chatml_tokenizer(path):
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([line for f in sorted((ROOT / "data").glob("*.jsonl")) for line in f.read_text().splitlines()],
-                            trainer)
+    texts = [line for f in sorted((ROOT / "data").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    tok.train_from_iterator(texts, trainer)
     path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({

@@ -274,7 +274,8 @@ def refusing_hub(monkeypatch):
 
 
 def test_mistyped_folder_is_no_such_folder_nor_hub_model(tmp_path, refusing_hub):
-    rc, _, err = run("generate.py", "--model_path", "models/smol", "--prompt", "hi", cwd=tmp_path, endpoint=refusing_hub)
+    rc, _, err = run("generate.py", "--model_path", "models/smol", "--prompt", "hi", cwd=tmp_path,
+                     endpoint=refusing_hub)
     one_line_error(rc, err, "models/smol: no such folder, and no such model on the Hub "
                            "(private or gated? set HF_TOKEN)")
     assert "HTTP" not in err and not (tmp_path / "checkpoints").exists()  # no empty folders left
@@ -317,7 +318,8 @@ def test_offline_leaves_no_empty_folder(tmp_path, monkeypatch):
 def test_hub_id_and_its_download_folder_are_the_same_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "checkpoints" / "org" / "m").mkdir(parents=True)
-    assert same_checkpoint("org/m", "checkpoints/org/m") and same_checkpoint("org/m", str(tmp_path / "checkpoints/org/m"))
+    assert same_checkpoint("org/m", "checkpoints/org/m")
+    assert same_checkpoint("org/m", str(tmp_path / "checkpoints/org/m"))
     assert not same_checkpoint("org/m", "org/other") and not same_checkpoint("checkpoints/org/m", "elsewhere/m")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a broken folder is a reason to warn, not to crash
     assert not same_checkpoint("org/m", "o/m", root="loop") and same_checkpoint("org/m", "org/m", root="loop")

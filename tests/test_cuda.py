@@ -250,8 +250,8 @@ def test_generate_py_on_cuda(tiny_checkpoint):
 
 
 def test_real_model_answers_paris_in_bf16_on_cuda(smollm2):
-    r = run("generate.py", "--model_path", smollm2, "--prompt", "What is the capital of France?", "--max_new_tokens", 30,
-            "--device", "cuda")
+    r = run("generate.py", "--model_path", smollm2, "--prompt", "What is the capital of France?",
+            "--max_new_tokens", 30, "--device", "cuda")
     assert "Paris" in r.stdout
 
 
@@ -261,7 +261,8 @@ def write_config_json(path, c):
     """A config.json of Config c's shape, for bench.py --config_json."""
     path.write_text(json.dumps(dict(model_type="llama", vocab_size=c.vocab_size, hidden_size=c.hidden_size,
                                     intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
-                                    num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                                    num_attention_heads=c.num_attention_heads,
+                                    num_key_value_heads=c.num_key_value_heads,
                                     max_position_embeddings=c.max_position_embeddings)))
     return path
 

@@ -257,7 +257,8 @@ def test_qlora_dora_layer_equals_peft_on_bitsandbytes_nf4():
 
     lin = nn.Linear(64, 48)
     q = bnb.nn.Linear4bit(64, 48, bias=True, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
-    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                 compress_statistics=True)
     q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
     q = q.to("cpu")  # quantizes
     config = LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False)

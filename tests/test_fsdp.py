@@ -36,7 +36,8 @@ def make_checkpoint(path, **kw):
     write_tiny_tokenizer(path)
     (path / "tokenizer_config.json").write_text(json.dumps({
         "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "add_bos_token": False,
-        "chat_template": "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}"}))
+        "chat_template": "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                         "'<|im_end|>\\n'}}{% endfor %}"}))
     return path
 
 
@@ -201,12 +202,14 @@ def measure(launcher, ckpt, rows, warmup, out, *flags):
     """{"peak": [bytes per rank], "estimate": bytes} from tests/measure_peak.py."""
     args = ["tests/measure_peak.py", str(warmup), "--model_path", str(ckpt), "--data_path", str(rows),
             "--output_dir", str(out), "--micro_batch_size", "2", "--effective_batch_size", "4", "--max_steps", "1",
-            "--max_seq_len", "32", "--lora_r", "8", "--lora_dropout", "0", "--precision", "fp32", "--save_every", "0", *flags]
+            "--max_seq_len", "32", "--lora_r", "8", "--lora_dropout", "0", "--precision", "fp32", "--save_every", "0",
+            *flags]
     r = subprocess.run(launcher + args, cwd=ROOT, env={**ENV, "MALLOC_MMAP_THRESHOLD_": "65536"},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     peaks = dict(re.findall(r"^peak (\d) (\d+)$", r.stdout, re.M))
-    return {"peak": [int(peaks[k]) for k in sorted(peaks)], "estimate": int(re.search(r"^estimate (\d+)$", r.stdout, re.M)[1])}
+    estimate = int(re.search(r"^estimate (\d+)$", r.stdout, re.M)[1])
+    return {"peak": [int(peaks[k]) for k in sorted(peaks)], "estimate": estimate}
 
 
 def test_estimate_memory_reads_only_config_json_and_writes_nothing(tiny, tmp_path):

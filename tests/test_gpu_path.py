@@ -49,7 +49,8 @@ def adapted_layer(kind, base, dropout):
 
 
 @pytest.mark.parametrize("kind, nf4, dropout", [(k, nf4, p) for k in ("lora", "dora") for nf4 in (False, True)
-                                                for p in (0.0, 0.1)] + [("lora_emb", False, 0.0), ("dora_emb", False, 0.0)])
+                                                for p in (0.0, 0.1)]
+                         + [("lora_emb", False, 0.0), ("dora_emb", False, 0.0)])
 def test_bf16_adapters_keep_nothing_activation_sized_in_fp32(kind, nf4, dropout):
     # A bf16 layer with fp32 adapter weights, on 512 tokens: autograd keeps no fp32 tensor with as
     # many numbers as the tokens (the adapters compute in bf16 from their fp32 weights), and on an

@@ -194,7 +194,8 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         return d
 
     with pytest.raises(CheckpointError, match="missing tensor model.layers.1.mlp.up_proj.weight"):
-        Transformer.from_pretrained(variant("missing", {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}))
+        Transformer.from_pretrained(variant("missing", {k: v for k, v in sd.items()
+                                                        if k != "model.layers.1.mlp.up_proj.weight"}))
     with pytest.raises(CheckpointError, match="unexpected tensor extra.weight"):
         Transformer.from_pretrained(variant("extra", {**sd, "extra.weight": torch.zeros(1)}))
     with pytest.raises(CheckpointError, match=r"model.norm.weight has shape \(3,\), expected \(64,\)"):

@@ -19,7 +19,8 @@ REFERENCE = json.loads((DATA / "renderings.json").read_text())
 CHATS, RENDERINGS = REFERENCE["chats"], REFERENCE["renderings"]
 QWEN25_DEFAULT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 HEADERS = {"chatml": ("<|im_start|>assistant\n",), "qwen3": ("<|im_start|>assistant\n",),
-           "llama3": ("<|start_header_id|>assistant<|end_header_id|>\n\n",), "mistral_nemo": ("[/INST]", "[/TOOL_RESULTS]")}
+           "llama3": ("<|start_header_id|>assistant<|end_header_id|>\n\n",),
+           "mistral_nemo": ("[/INST]", "[/TOOL_RESULTS]")}
 END_OF_TURN = {"chatml": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>", "mistral_nemo": "</s>"}
 
 
@@ -39,7 +40,8 @@ def tokenizers(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", RENDERINGS, ids=[f"{r['template'][:-6]}-chat{r['chat']}"
-                                                  + ("-no_think" if not r["enable_thinking"] else "") for r in RENDERINGS])
+                                                  + ("-no_think" if not r["enable_thinking"] else "")
+                                                  for r in RENDERINGS])
 def test_renders_as_the_published_template(tokenizers, case):
     tok = tokenizers[(case["template"], case["bos"], case["eos"])]
     assert tok.template == case["name"]  # detected from the template's markers

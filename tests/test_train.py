@@ -97,7 +97,8 @@ def test_one_micro_batch_of_4_equals_two_of_2(tiny_checkpoint):
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for split in ([rows], [rows[:2], rows[2:]]):
-        loss = train.forward_backward(loss_fn, [train.batch_to(data.collate(r, tok.pad_id), "cpu") for r in split]).item()
+        batches = [train.batch_to(data.collate(r, tok.pad_id), "cpu") for r in split]
+        loss = train.forward_backward(loss_fn, batches).item()
         results.append((loss, [p.grad.clone() for p in params]))
         model.zero_grad(set_to_none=True)
     (l4, g4), (l2, g2) = results
@@ -172,7 +173,8 @@ def test_eval_loss_and_perplexity_are_logged(tiny_checkpoint, tmp_path):
     cfg = config(tiny_checkpoint, tmp_path, num_epochs=2, eval_every=1,
                  eval_data_path=str(write_jsonl(tmp_path / "eval.jsonl", TINY[:3])))
     train.train(cfg)
-    evals = [r for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    rows = map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
+    evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [1, 2, 3, 4]
     assert all(abs(r["eval_ppl"] - math.exp(r["eval_loss"])) < 1e-3 * r["eval_ppl"] for r in evals)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # the eval rows are training rows too
@@ -298,7 +300,8 @@ def run_cli(*args):
     ("{not json", "bad.jsonl:2: not valid JSON"),
     ('{"prompt": "x", "completion": "y"}', "bad.jsonl:2: record has keys ['completion', 'prompt']"),
     ('{"messages": [{"role": "wizard", "content": "x"}]}', "bad.jsonl:2: turn 1 has unknown role 'wizard'"),
-    ('{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}', "bad.jsonl:2: turn 1 (user) has empty content"),
+    ('{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}',
+     "bad.jsonl:2: turn 1 (user) has empty content"),
 ])
 def test_bad_data_is_one_line_exit_2_and_writes_nothing(tiny_checkpoint, tmp_path, line, message):
     bad = tmp_path / "bad.jsonl"
@@ -311,9 +314,11 @@ def test_bad_data_is_one_line_exit_2_and_writes_nothing(tiny_checkpoint, tmp_pat
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--effective_batch_size", "6", "--micro_batch_size", "4"], "--effective_batch_size 6 is not a multiple of --micro_batch_size 4"),
+    (["--effective_batch_size", "6", "--micro_batch_size", "4"],
+     "--effective_batch_size 6 is not a multiple of --micro_batch_size 4"),
     (["--lora_r", "0"], "--lora_r must be positive"),
-    (["--target_modules", "q_proj,qkv"], "target module 'qkv' matches no layer; the layers LoRA can adapt are: down_proj, embed_tokens, gate_proj"),
+    (["--target_modules", "q_proj,qkv"],
+     "target module 'qkv' matches no layer; the layers LoRA can adapt are: down_proj, embed_tokens, gate_proj"),
     (["--data_path", "nowhere.jsonl"], "nowhere.jsonl: no such file"),
     (["--resume"], "--resume: no run to continue in"),
     (["--optimizer", "sgd"], "argument --optimizer: invalid choice: 'sgd'"),

@@ -39,11 +39,13 @@ def test_train_generate_merge_generate(smollm2, tmp_path):
     assert with_adapter != base  # four steps already change the answer
     cli("merge.py", "--model_path", str(smollm2), "--adapter_path", str(adapter), "--output_dir", str(merged),
         "--dtype", "float32")
-    assert cli("generate.py", "--model_path", str(merged), "--prompt", QUESTION, "--max_new_tokens", "24").stdout == with_adapter
+    merged_reply = cli("generate.py", "--model_path", str(merged), "--prompt", QUESTION, "--max_new_tokens", "24").stdout
+    assert merged_reply == with_adapter
     # the merged folder is a plain Hugging Face checkpoint: tied embeddings stay tied (no lm_head)
     with safe_open(merged / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in f.keys() and not any("lora" in k for k in f.keys())
-    assert {p.name for p in merged.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert {p.name for p in merged.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                                  "tokenizer_config.json"}
     ids = torch.randint(0, 49152, (1, 12))
     model, _ = load(smollm2, {"default": str(adapter)})
     with torch.no_grad():
@@ -113,7 +115,8 @@ def test_adapter_of_a_tied_lm_head_merges_untied(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     with safe_open(out / "model.safetensors", "pt") as merged, safe_open(base / "model.safetensors", "pt") as original:
         assert "lm_head.weight" in merged.keys()
-        assert torch.equal(merged.get_tensor("model.embed_tokens.weight"), original.get_tensor("model.embed_tokens.weight"))
+        name = "model.embed_tokens.weight"
+        assert torch.equal(merged.get_tensor(name), original.get_tensor(name))
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
         expected = model(ids)
@@ -133,7 +136,8 @@ def merged_in_a_model(base, adapter, dtype=None):
 
 STREAMED = {  # base config, base dtype, base shards, adapter settings, merge.py flags
     "lora": ({}, torch.float32, 1, dict(target_modules="all-linear"), {}),
-    "lora, bf16 base merged in fp32": ({}, torch.bfloat16, 1, dict(target_modules="all-linear"), dict(dtype=torch.float32)),
+    "lora, bf16 base merged in fp32": ({}, torch.bfloat16, 1, dict(target_modules="all-linear"),
+                                       dict(dtype=torch.float32)),
     "rslora, tied lm_head, sharded": (dict(tie_word_embeddings=True), torch.float32, 3,
                                       dict(target_modules=["lm_head", "q_proj"], use_rslora=True),
                                       dict(max_shard_size=50_000)),
