@@ -427,8 +427,9 @@ def test_workshop_names_real_flags_functions_and_tests():
     assert len(commands) == 5
     for args in commands:
         parse_args(shlex.split(args))
-    names = {n for n in re.findall(r"`((?:data|lora|model|observe|quant|train)\.[A-Za-z_][A-Za-z_.]*)`", text)
-             if not n.endswith(".py")}
+    modules = "adapters|config|data|dora|lora|loss|model|observe|peft_format|quant|train"
+    names = {n for n in re.findall(rf"`((?:{modules})\.[A-Za-z_][A-Za-z_.]*)`", text)
+             if not n.endswith((".py", ".svg"))}  # not the files data.py, loss.svg
     assert len(names) >= 10
     for name in names:
         obj = importlib.import_module(name.split(".")[0])
