@@ -241,3 +241,54 @@ def test_fsdp_rank_holds_about_half_of_what_a_ddp_rank_holds(weighty, tiny, tmp_
     assert len(ddp["peak"]) == len(fsdp["peak"]) == 2
     assert max(fsdp["peak"]) < 0.7 * min(ddp["peak"]), (fsdp, ddp)
     assert abs(fsdp["estimate"] - max(fsdp["peak"])) < 0.15 * max(fsdp["peak"]), fsdp
+
+
+def _units_worker(rank, tmp_path, ckpt):
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    import fsdp
+    import loss
+
+    join_group(rank, tmp_path)
+    torch.manual_seed(0)
+    model = fsdp.load_sharded(ckpt, torch.float32, "cpu", False, dict(r=4, alpha=8, target_modules="all-linear"))
+    loss_fn = fsdp.shard_root(loss.CausalLMLoss(model, fused=True), model)
+    seen = []  # the lm_head weight the fused loss computes with: a whole plain tensor, or a shard
+    apply = loss.LinearCrossEntropy.apply
+    loss.LinearCrossEntropy.apply = lambda h, w, t: seen.append((isinstance(w, DTensor), tuple(w.shape))) or apply(
+        h, w, t)
+    ids = torch.arange(32).view(2, 16) % 100 + 3
+    value = loss_fn(ids, torch.roll(ids, -1, 1), None, None)
+    value.backward()
+    tables = {"embed_tokens": model.model.embed_tokens.weight, "lm_head": model.lm_head.weight}
+    if rank == 0:
+        torch.save({"loss": value.item(), "seen": seen,
+                    "units": [isinstance(m, FSDPModule) for m in (model.model.embed_tokens, model.lm_head)],
+                    "rows": {n: w.to_local().shape[0] if isinstance(w, DTensor) else None for n, w in tables.items()}},
+                   tmp_path / "result.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_embeddings_and_lm_head_are_units_of_their_own_unless_tied(tmp_path, tied):
+    # Under FSDP, two tables (untied) are each an FSDP unit: the fused loss computes with lm_head
+    # gathered whole (it reads the weight, so loss.py gathers it), and after backward each rank
+    # holds half of each table again. Tied, the one table stays in the root. Either way the loss
+    # equals one process's on the same batch (fp32, within 1e-5).
+    from adapters import apply_lora
+    from loss import CausalLMLoss
+    from model import Transformer
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", tie_word_embeddings=tied)
+    spawn(_units_worker, tmp_path, ckpt)
+    r = torch.load(tmp_path / "result.pt")
+    model = Transformer.from_pretrained(ckpt)
+    apply_lora(model, r=4, alpha=8, target_modules="all-linear", verbose=False)
+    ids = torch.arange(32).view(2, 16) % 100 + 3
+    one = CausalLMLoss(model, fused=True)(ids, torch.roll(ids, -1, 1), None, None).item()
+    assert abs(r["loss"] - one) < 1e-5, (r["loss"], one)
+    assert r["seen"] == [(False, (128, 64))], "lm_head whole and plain when the fused loss runs"
+    assert r["units"] == [not tied, not tied], "units of their own when untied; tied, in the root"
+    assert r["rows"] == {"embed_tokens": 64, "lm_head": 64}, "each rank holds half of each table after the step"
