@@ -2,6 +2,7 @@
 the way Hugging Face writes them, chat data, and the comparisons several files make."""
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -179,6 +180,35 @@ def random_adapter(base, path, **settings):
                 t.add_(0.05 * torch.randn_like(t)).mul_(1 + 0.1 * torch.randn_like(t))
     save_adapter(model, path)
     return path
+
+
+# --- GGUF ----------------------------------------------------------------------------------------------------------------
+
+def tiny_checkpoint(path, model_type):
+    """A tiny checkpoint of a GGUF family (llama with llama3 rope, tied qwen2, qwen3): random weights,
+    SmolLM2's tokenizer (the GGUF tests' recorded llama.cpp references were made with it)."""
+    torch.manual_seed(0)
+    extra = {"llama": dict(rope_theta=500000.0, attention_bias=True, rope_scaling={
+                 "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 64}),
+             "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0),
+             "qwen3": dict(model_type="qwen3", head_dim=32, rope_theta=1000000.0)}[model_type]
+    config = Config(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, **extra)
+    write_checkpoint(path, Transformer(config))
+    raw = json.loads((path / "config.json").read_text())
+    raw.update({k: v for k, v in extra.items() if k not in raw})
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]
+    raw.update(architectures=[arch], rms_norm_eps=1e-6)
+    (path / "config.json").write_text(json.dumps(raw))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(SMOLLM2 / name, path / name)
+    return path
+
+
+def unpermute(w, n_heads):
+    """llama.cpp's interleaved rope pairs back to Hugging Face's rotate-half halves."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 # --- LoRA on tiny models ----------------------------------------------------------------------------------------------

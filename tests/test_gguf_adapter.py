@@ -20,13 +20,12 @@ import math
 import pytest
 import torch
 
-import gguf_export
-from helpers import ROOT, SMOLLM2
-import merge
 from adapters import apply_lora, lora_layers
+import gguf_export
+from helpers import ROOT, SMOLLM2, tiny_checkpoint, unpermute
+import merge
 from model import Config, Transformer
 from peft_format import save_adapter
-from test_gguf import tiny_checkpoint, unpermute
 
 gguf = pytest.importorskip("gguf")  # the reference reader (test-only)
 
