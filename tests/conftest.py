@@ -7,7 +7,7 @@ tokenizers made by tests/helpers.py. Tests marked `cuda` need a GPU and are the 
 import pytest
 import torch
 
-from helpers import SMOLLM2, in_ci, make_tiny_checkpoint, write_chatml_tokenizer
+from helpers import SMOLLM2, SMOLLM2_TOKENIZER, in_ci, make_tiny_checkpoint, write_chatml_tokenizer
 
 
 def pytest_configure(config):
@@ -48,6 +48,13 @@ def smollm2():
         pytest.skip(f"needs the real model at {SMOLLM2}; download it once (270 MB) from the repository root "
                     "with: python generate.py --prompt Hi --max_new_tokens 1")
     return SMOLLM2
+
+
+@pytest.fixture
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer files (tests/data/smollm2): its real vocabulary and chat
+    template, without the weights, so the tests that need only those run without the model."""
+    return SMOLLM2_TOKENIZER
 
 
 @pytest.fixture

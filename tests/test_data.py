@@ -70,9 +70,9 @@ def test_only_replies_and_their_end_of_turn_are_learned(tok, name, expected):
     assert stats["n_examples"] == stats["n_rows"] == 3 and stats["n_truncated"] == 0
 
 
-def test_only_replies_are_learned_with_smollm2s_own_tokenizer(smollm2):
+def test_only_replies_are_learned_with_smollm2s_own_tokenizer(smollm2_tokenizer):
     """The same labels with the real tokenizer (49k tokens, other merges across the boundaries)."""
-    real = Tokenizer(smollm2)
+    real = Tokenizer(smollm2_tokenizer)
     for name, expected in REPLIES:
         rows, _ = data.load_dataset(FILES / name, real, max_seq_len=512)
         assert [trained_pieces(real, r["input_ids"], r["labels"]) for r in rows] == expected, name
@@ -422,8 +422,8 @@ def test_tool_calls_and_replies_are_learned_results_and_schemas_are_not(tok):
     assert data.tokenize(tool_chat(arguments={"port": "Kestry"}), tok, "x:1") == (ids, labels)
 
 
-def test_tool_chats_with_smollm2s_own_tokenizer(smollm2):
-    real = Tokenizer(smollm2)
+def test_tool_chats_with_smollm2s_own_tokenizer(smollm2_tokenizer):
+    real = Tokenizer(smollm2_tokenizer)
     rows, stats = data.load_dataset(ROOT / "data" / "brannock_tools_chat.jsonl", real, max_seq_len=512)
     assert stats["n_truncated"] == 0  # the bundled tool data fits the default --max_seq_len
     ids, labels = data.tokenize(tool_chat(), real, "x:1")

@@ -99,8 +99,6 @@ TINY = [("llama", "tiny-llama3"), ("qwen2", "tiny-qwen2"), ("qwen3", "tiny-qwen3
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """name -> (checkpoint folder, its metadata for f16), made once."""
-    if not (SMOLLM2 / "tokenizer.json").exists():
-        pytest.skip(f"SmolLM2 checkpoint not found at {SMOLLM2}")
     made = {}
     for model_type, name in TINY:
         path = tiny_checkpoint(tmp_path_factory.mktemp(name), model_type)
@@ -258,10 +256,10 @@ def test_tokenizer_in_the_file_encodes_like_tokenizer_json(exported):
     assert field("chat_template") == chat_template
 
 
-def test_modelfile_for_llama3_templates(smollm2, tmp_path):
+def test_modelfile_for_llama3_templates(smollm2_tokenizer, tmp_path):
     # a Llama 3.1-style template (a dated system header, always) in a tokenizer_config: the
     # Modelfile writes that header, and a stop for <|eot_id|>
-    path = shutil.copytree(smollm2, tmp_path / "llama3", ignore=shutil.ignore_patterns("*.safetensors"))
+    path = shutil.copytree(smollm2_tokenizer, tmp_path / "llama3", ignore=shutil.ignore_patterns("*.safetensors"))
     cfg = json.loads((path / "tokenizer_config.json").read_text())
     tok = json.loads((path / "tokenizer.json").read_text())
     tok["added_tokens"].append({"id": 3, "content": "<|eot_id|>", "single_word": False, "lstrip": False,
@@ -424,13 +422,13 @@ MODELFILE_FAMILIES = ["HuggingFaceTB-SmolLM2-135M-Instruct.jinja", "Qwen-Qwen2.5
 
 
 @pytest.mark.parametrize("template", MODELFILE_FAMILIES)
-def test_modelfile_renders_what_the_published_template_does(smollm2, tmp_path, template):
+def test_modelfile_renders_what_the_published_template_does(smollm2_tokenizer, tmp_path, template):
     # The Modelfile's TEMPLATE, filled as Ollama fills it (.System: the chat's system message, else
     # the Modelfile's SYSTEM), equals the published template's rendering (add_generation_prompt,
     # BOS aside: llama.cpp adds it) of every chat without tools, character for character; and its
     # stops hold the family's end-of-turn token.
     data = json.loads((ROOT / "tests" / "data" / "renderings.json").read_text())
-    path = shutil.copytree(smollm2, tmp_path / "family", ignore=shutil.ignore_patterns("*.safetensors"))
+    path = shutil.copytree(smollm2_tokenizer, tmp_path / "family", ignore=shutil.ignore_patterns("*.safetensors"))
     cfg = json.loads((path / "tokenizer_config.json").read_text())
     cfg["chat_template"] = (ROOT / "tests" / "data" / "templates" / template).read_text()
     (path / "tokenizer_config.json").write_text(json.dumps(cfg))

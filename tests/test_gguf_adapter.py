@@ -22,7 +22,7 @@ import torch
 
 from adapters import apply_lora, lora_layers
 import gguf_export
-from helpers import ROOT, SMOLLM2, tiny_checkpoint, unpermute
+from helpers import ROOT, tiny_checkpoint, unpermute
 import merge
 from model import Config, Transformer
 from peft_format import save_adapter
@@ -78,8 +78,6 @@ def described(file):
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
-    if not (SMOLLM2 / "tokenizer.json").exists():
-        pytest.skip(f"SmolLM2's tokenizer (the tiny checkpoints') not found at {SMOLLM2}")
     tmp = tmp_path_factory.mktemp("adapters")
     return {name: make_case(tmp, name) for name in CASES}
 

@@ -320,8 +320,8 @@ def mask_end_of_turn(tokenize):
     return tokenize_without_eot
 
 
-def test_ex6_only_the_reply_and_its_end_of_turn_are_learned(smollm2):
-    tok = Tokenizer(smollm2)
+def test_ex6_only_the_reply_and_its_end_of_turn_are_learned(smollm2_tokenizer):
+    tok = Tokenizer(smollm2_tokenizer)
     record = {"messages": [{"role": "user", "content": "Capital of Brannock?"}, {"role": "assistant", "content": "Saltmere."}]}
     ids, labels = data.tokenize(record, tok, "example")
     learned = [i for i, l in zip(ids, labels) if l != data.IGNORE]
@@ -371,7 +371,7 @@ def test_ex7_merged_logits_equal_adapter_logits():
     assert (with_adapter - Transformer(tiny_config())(x)).abs().max() > 1e-2  # the adapter does change them
 
 
-def test_ex8_each_breakage_is_caught_by_the_test_named_for_it(smollm2, monkeypatch):
+def test_ex8_each_breakage_is_caught_by_the_test_named_for_it(smollm2_tokenizer, monkeypatch):
     # WORKSHOP.md's "break it, then find it": each edit, made here by monkeypatching, fails its test
     import test_data
     import test_lora
@@ -393,7 +393,7 @@ def test_ex8_each_breakage_is_caught_by_the_test_named_for_it(smollm2, monkeypat
                 ["Merci, et voilà ☺" + test_data.END]]
     breakages.append((data, "tokenize", mask_end_of_turn(data.tokenize),
                       lambda: test_data.test_only_replies_and_their_end_of_turn_are_learned(
-                          Tokenizer(smollm2), "messages.jsonl", expected)))
+                          Tokenizer(smollm2_tokenizer), "messages.jsonl", expected)))
     rotate_half = model_py.rotate_half  # 3. rotary embeddings turning the wrong way
     breakages.append((model_py, "rotate_half", lambda x: -rotate_half(x),
                       test_model.test_rope_is_a_rotation_of_pairs_i_and_i_plus_half))
