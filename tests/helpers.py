@@ -173,10 +173,10 @@ def hf_model(family):
     return model
 
 
-def random_adapter(base, path, **settings):
+def random_adapter(base, path, r=4, alpha=8, **settings):
     """An adapter of the base with every tensor away from its start (B, DoRA's m, the embeddings' A)."""
     model = Transformer.from_pretrained(base)
-    apply_lora(model, r=4, alpha=8, verbose=False, **settings)
+    apply_lora(model, r=r, alpha=alpha, verbose=False, **settings)
     with torch.no_grad():
         for _, layer in lora_layers(model):
             for t in layer.adapter_tensors("default").values():

@@ -20,12 +20,10 @@ import math
 import pytest
 import torch
 
-from adapters import apply_lora, lora_layers
 import gguf_export
-from helpers import ROOT, tiny_checkpoint, unpermute
+from helpers import ROOT, random_adapter, tiny_checkpoint, unpermute
 import merge
-from model import Config, Transformer
-from peft_format import save_adapter
+from model import Config
 
 gguf = pytest.importorskip("gguf")  # the reference reader (test-only)
 
@@ -38,18 +36,6 @@ CASES = {  # name: (tiny_checkpoint's model_type, adapter settings)
     "qwen2-tied": ("qwen2", dict(target_modules=["q_proj", "v_proj", "down_proj"])),
     "qwen3-all-linear": ("qwen3", dict(target_modules="all-linear")),
 }
-
-
-def random_adapter(base, path, r=4, alpha=8, **settings):
-    """An adapter of the base with every tensor away from its start (B, the embeddings' A, DoRA's m)."""
-    model = Transformer.from_pretrained(base)
-    apply_lora(model, r=r, alpha=alpha, verbose=False, **settings)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for t in layer.adapter_tensors("default").values():
-                t.add_(0.05 * torch.randn_like(t)).mul_(1 + 0.1 * torch.randn_like(t))
-    save_adapter(model, path)
-    return path
 
 
 def make_case(tmp, name):
