@@ -35,7 +35,6 @@ from config import check_same_run, parse_args, read_run_config
 import data
 from data import IGNORE
 import distributed
-from distributed import all_sum
 import fsdp
 from hub import resolve_checkpoint
 from loss import CausalLMLoss, fused_loss_applies
@@ -73,7 +72,7 @@ def forward_backward(loss_fn, micro, world=1):
     micro batches (of all ranks) divided by their count. Returns that loss as a 0-dim tensor on
     the device, not yet read: the step reads its figures in one synchronization."""
     # counted on the host (len(keep) is a shape), summed over ranks on the host too
-    n_targets = all_sum(torch.tensor(float(sum(len(b["keep"]) for b in micro))), world).item()
+    n_targets = distributed.all_sum(torch.tensor(float(sum(len(b["keep"]) for b in micro))), world).item()
     loss_sum = 0
     for i, b in enumerate(micro):
         # DDP all-reduces gradients in backward: only the last micro batch of the step needs it
@@ -82,7 +81,7 @@ def forward_backward(loss_fn, micro, world=1):
             loss = loss_fn(b["input_ids"], b["targets"], b["position_ids"], b["doc_ids"], b["keep"])
             (loss * (world / n_targets)).backward()  # DDP averages over ranks: * world makes it a sum
         loss_sum = loss_sum + loss.detach()
-    return all_sum(loss_sum, world) / n_targets
+    return distributed.all_sum(loss_sum, world) / n_targets
 
 
 def evaluate(loss_fn, rows, pad_id, micro_batch_size, device, rank, world):
@@ -95,7 +94,7 @@ def evaluate(loss_fn, rows, pad_id, micro_batch_size, device, rank, world):
             total[0] += loss_fn(b["input_ids"], b["targets"], b["position_ids"], b["doc_ids"], b["keep"]).double()
             total[1] += len(b["keep"])
     loss_fn.train()
-    loss = (all_sum(total, world)[0] / total[1].clamp(min=1)).item()
+    loss = (distributed.all_sum(total, world)[0] / total[1].clamp(min=1)).item()
     return loss, math.exp(min(loss, 50))
 
 
@@ -291,7 +290,7 @@ def train(cfg, rank=0, world=1, device="cpu"):
             dt = time.perf_counter() - t0
             n_tokens = sum(len(rows[i]["input_ids"]) for b in idx for i in b)
             counts = torch.tensor([n_tokens, stop["signal"] is not None], dtype=torch.float64)
-            n_tokens, signals = all_sum(counts, world).tolist()
+            n_tokens, signals = distributed.all_sum(counts, world).tolist()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
             record = dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=round(loss, 6), lr=lr,

@@ -185,7 +185,7 @@ def random_adapter(base, path, r=4, alpha=8, **settings):
     return path
 
 
-# --- GGUF ----------------------------------------------------------------------------------------------------------------
+# --- GGUF -------------------------------------------------------------------------------------------------------------
 
 def tiny_checkpoint(path, model_type):
     """A tiny checkpoint of a GGUF family (llama with llama3 rope, tied qwen2, qwen3): random weights,
@@ -250,6 +250,21 @@ def quantized_and_dequantized():
     plain.load_state_dict(plain.state_dict() | {f"{n}.weight": m.dequantize(torch.float32)
                                                 for n, m in qmodel.named_modules() if hasattr(m, "dequantize")})
     return qmodel, plain
+
+
+def adapted_on_nf4_and_dequantized(**settings):
+    """(qmodel, x, [(logits, adapter grads) on qmodel, the same on plain]): the same seeded adapter
+    (apply_lora's settings, B randomized) on quantized_and_dequantized()'s two models, one step."""
+    qmodel, plain = quantized_and_dequantized()
+    x, results = ids(), []
+    for model in (qmodel, plain):
+        torch.manual_seed(3)
+        apply_lora(model, r=4, alpha=8, target_modules="all-linear", verbose=False, **settings)
+        randomize_B(model)
+        out = model(x)
+        out.logsumexp(-1).mean().backward()
+        results.append((out, [p.grad for p in model.parameters() if p.requires_grad]))
+    return qmodel, x, results
 
 
 def tied_hf_and_ours(tmp_path):

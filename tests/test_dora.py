@@ -8,7 +8,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from adapters import apply_lora, disable_adapters, lora_layers, merge_and_unload, merge_lora, set_adapter, unmerge_lora
-from helpers import ids, lora_model, quantized_and_dequantized, randomize_B, tied_hf_and_ours, tiny
+from helpers import adapted_on_nf4_and_dequantized, ids, lora_model, randomize_B, tied_hf_and_ours, tiny
 from lora import AdapterSettings
 from model import Transformer
 from peft_format import load_adapter, save_adapter
@@ -161,15 +161,7 @@ def test_dora_file_format(tmp_path):
 def test_qlora_dora_equals_dora_on_the_dequantized_weights():
     # DoRA over an NF4 base takes the norm of the dequantized weight: logits and gradients equal
     # DoRA over a plain model holding the dequantized weights (fp32, atol 1e-5)
-    qmodel, plain = quantized_and_dequantized()
-    x, results = ids(), []
-    for model in (qmodel, plain):
-        torch.manual_seed(3)
-        apply_lora(model, r=4, alpha=8, target_modules="all-linear", use_dora=True, verbose=False)
-        randomize_B(model)
-        out = model(x)
-        out.logsumexp(-1).mean().backward()
-        results.append((out, [p.grad for p in model.parameters() if p.requires_grad]))
+    qmodel, x, results = adapted_on_nf4_and_dequantized(use_dora=True)
     (q_out, q_grads), (p_out, p_grads) = results
     assert torch.allclose(q_out, p_out, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(q_grads, p_grads))

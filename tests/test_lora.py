@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from adapters import (apply_lora, count_parameters, disable_adapters, lora_layers, merge_and_unload, merge_lora,
                       set_adapter, unmerge_lora)
-from helpers import BLOCK_LINEARS, ids, lora_model, quantized_and_dequantized, randomize_B, tied_hf_and_ours, tiny
+from helpers import (BLOCK_LINEARS, adapted_on_nf4_and_dequantized, ids, lora_model, randomize_B, tied_hf_and_ours,
+                     tiny)
 from lora import AdapterSettings, LoRAError, LoRALinear
 from model import Transformer
 from peft_format import load_adapter, save_adapter
@@ -241,15 +242,7 @@ def test_qlora_trains_merges_and_loads(tmp_path, capsys):
 def test_qlora_equals_lora_on_the_dequantized_weights():
     # the NF4 base computes with its dequantized weight, so LoRA over NF4 == LoRA over a plain
     # model holding the dequantized weights: logits and A/B gradients agree (fp32, atol 1e-5)
-    qmodel, plain = quantized_and_dequantized()
-    x, results = ids(), []
-    for model in (qmodel, plain):
-        torch.manual_seed(3)
-        apply_lora(model, r=4, alpha=8, target_modules="all-linear", verbose=False)
-        randomize_B(model)
-        out = model(x)
-        out.logsumexp(-1).mean().backward()
-        results.append((out, [p.grad for p in model.parameters() if p.requires_grad]))
+    _, _, results = adapted_on_nf4_and_dequantized()
     (q_out, q_grads), (p_out, p_grads) = results
     assert torch.allclose(q_out, p_out, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(q_grads, p_grads))
