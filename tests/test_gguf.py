@@ -71,7 +71,8 @@ def smollm2_state():
         pytest.skip(f"SmolLM2 checkpoint not found at {SMOLLM2}")
     digest = hashlib.sha256((SMOLLM2 / "model.safetensors").read_bytes()).hexdigest()
     if digest != REF["smollm2"]["model_safetensors_sha256"]:
-        pytest.skip("the fixture was recorded on the SmolLM2 copy ../shared/tools/get_smollm2.sh makes; this is another")
+        pytest.skip("the fixture was recorded on the SmolLM2 copy ../shared/tools/get_smollm2.sh makes; "
+                    "this is another")
     return load_file(SMOLLM2 / "model.safetensors")
 
 
@@ -130,7 +131,8 @@ def test_tensors_read_back_equal_the_weights(tiny, tmp_path, model_type, name, f
         assert read.pop("rope_freqs.weight").data.tolist() == ref["rope_freqs"]
     expected = {gguf_export.gguf_name(k): k for k in state}
     assert set(read) == set(expected)  # every tensor (a tied lm_head is not one)
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads} if model_type == "llama" else {}
+    heads = ({"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+             if model_type == "llama" else {})
     for gname, t in read.items():
         w = state[expected[gname]].float()
         n = heads.get(gname.split(".")[2]) if gname.startswith("blk.") else None  # permuted q/k rows
@@ -152,7 +154,8 @@ def test_merge_gguf_streams_the_file_of_the_merged_tensors(tiny, tmp_path, name)
     # merge.py --gguf q8_0 writes its GGUF a tensor at a time from the merged shards it has just
     # written: byte for byte the file gguf_export.write makes from those tensors held in memory
     path, _ = tiny[name]
-    adapter = random_adapter(path, tmp_path / "adapter", target_modules=["embed_tokens", "q_proj", "k_proj", "down_proj"])
+    adapter = random_adapter(path, tmp_path / "adapter",
+                             target_modules=["embed_tokens", "q_proj", "k_proj", "down_proj"])
     out = merge.merge(path, adapter, tmp_path / "merged", gguf="q8_0", max_shard_size=4_000_000)
     merged = {}
     for file in sorted(out.glob("model-*.safetensors")):
@@ -219,7 +222,8 @@ def test_merge_gguf_end_to_end(exported):
     assert (out / "Modelfile").read_text() == (
         'FROM ./model-f16.gguf\n'
         'TEMPLATE """{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-        '{{- range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}{{ end }}'
+        '{{- range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+        '{{ end }}{{ end }}'
         '<|im_start|>assistant\n"""\n'
         'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""\n'
         'PARAMETER stop "<|im_end|>"\n')
@@ -243,12 +247,14 @@ def test_tokenizer_in_the_file_encodes_like_tokenizer_json(exported):
     rebuilt = json.loads(json.dumps(original))
     rebuilt["model"]["vocab"] = {t: i for i, t in enumerate(tokens)}
     rebuilt["model"]["merges"] = [m.split(" ") for m in merges]
-    added = [(i, t, ty) for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (gguf_export.CONTROL, gguf_export.USER_DEFINED)]
+    added = [(i, t, ty) for i, (t, ty) in enumerate(zip(tokens, types))
+             if ty in (gguf_export.CONTROL, gguf_export.USER_DEFINED)]
     rebuilt["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                                 "normalized": False, "special": ty == gguf_export.CONTROL} for i, t, ty in added]
     ours, theirs = Tokenizer.from_str(json.dumps(rebuilt)), Tokenizer.from_str(json.dumps(original))
     for text in TEXTS:
-        assert ours.encode(text, add_special_tokens=False).ids == theirs.encode(text, add_special_tokens=False).ids, text
+        assert (ours.encode(text, add_special_tokens=False).ids
+                == theirs.encode(text, add_special_tokens=False).ids), text
     field = lambda key: r.fields[f"tokenizer.{key}"].contents()  # noqa: E731
     assert (tokens[field("ggml.bos_token_id")], tokens[field("ggml.eos_token_id")]) == ("<|im_start|>", "<|im_end|>")
     assert field("ggml.add_bos_token") is False  # SmolLM2's template writes no BOS
@@ -265,7 +271,8 @@ def test_modelfile_for_llama3_templates(smollm2_tokenizer, tmp_path):
     tok["added_tokens"].append({"id": 3, "content": "<|eot_id|>", "single_word": False, "lstrip": False,
                                 "rstrip": False, "normalized": False, "special": True})
     (path / "tokenizer.json").write_text(json.dumps(tok))
-    cfg["chat_template"] = "{{ bos_token }}<|start_header_id|>system<|end_header_id|>Cutting Knowledge Date: December 2023"
+    cfg["chat_template"] = ("{{ bos_token }}<|start_header_id|>system<|end_header_id|>"
+                            "Cutting Knowledge Date: December 2023")
     (path / "tokenizer_config.json").write_text(json.dumps(cfg))
     text = gguf_export.modelfile("model-q8_0.gguf", path)
     assert text.startswith('FROM ./model-q8_0.gguf\nTEMPLATE """<|start_header_id|>system<|end_header_id|>\n\n'
