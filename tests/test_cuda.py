@@ -70,7 +70,8 @@ def bf16_checkpoint(tiny_checkpoint, tmp_path):
     path = tmp_path / "bf16"
     shutil.copytree(tiny_checkpoint, path)
     tensors = load_file(path / "model.safetensors")
-    save_file({k: t.bfloat16().float() for k, t in tensors.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    save_file({k: t.bfloat16().float() for k, t in tensors.items()}, path / "model.safetensors",
+              metadata={"format": "pt"})
     return path
 
 
@@ -84,7 +85,8 @@ def test_bf16_lora_step_on_cuda_matches_fp32_on_cpu(bf16_checkpoint, qlora):
     ids = torch.randint(0, 128, (2, 32))
     results, weights = [], None
     for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
-        model = Transformer.from_pretrained(bf16_checkpoint, dtype=dtype, device=device, quantize="nf4" if qlora else None)
+        model = Transformer.from_pretrained(bf16_checkpoint, dtype=dtype, device=device,
+                                            quantize="nf4" if qlora else None)
         apply_lora(model, r=8, alpha=16, target_modules="all-linear", verbose=False)
         params = lora_params(model)
         weights = same_lora_weights(params, weights)
@@ -245,7 +247,8 @@ def test_generation_on_cuda_equals_cpu(tiny_checkpoint):
 
 def test_generate_py_on_cuda(tiny_checkpoint):
     # bf16 by default on CUDA; the timing line goes to stderr (a random model may stop at once)
-    r = run("generate.py", "--model_path", tiny_checkpoint, "--prompt", "w1 w2", "--max_new_tokens", 8, "--device", "cuda")
+    r = run("generate.py", "--model_path", tiny_checkpoint, "--prompt", "w1 w2", "--max_new_tokens", 8,
+            "--device", "cuda")
     assert "tok/s" in r.stderr
 
 
@@ -351,7 +354,8 @@ def test_train_py_fsdp_as_a_world_of_one_on_nccl(bf16_checkpoint, tmp_path, offl
     # the host): the losses follow the run without --fsdp within 2% (bf16), and it learns.
     steps = ["--max_steps", 8, "--save_every", 4, "--load_in_4bit", "--gradient_checkpointing"]
     plain = train_cli(bf16_checkpoint, tmp_path / "plain", *steps)
-    sharded = train_cli(bf16_checkpoint, tmp_path / "fsdp", *steps, "--fsdp", *(["--fsdp_cpu_offload"] if offload else []))
+    sharded = train_cli(bf16_checkpoint, tmp_path / "fsdp", *steps, "--fsdp",
+                        *(["--fsdp_cpu_offload"] if offload else []))
     assert all(abs(a - b) < 0.02 * a for a, b in zip(plain, sharded)), (plain, sharded)
     assert sharded[-1] < 0.7 * sharded[0]
 

@@ -85,7 +85,8 @@ def test_prompts_are_not_learned(tok):
     rows, _ = data.load_dataset(FILES / "messages.jsonl", tok, max_seq_len=512)
     ids, labels = rows[1]["input_ids"], rows[1]["labels"]
     masked = tok.tok.decode([i for i, l in zip(ids, labels) if l == data.IGNORE], skip_special_tokens=False)
-    assert masked.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # the default system prompt
+    # the default system prompt
+    assert masked.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     for text in ("<|im_start|>user\nName a primary colour.<|im_end|>", "<|im_start|>user\nAnother one?<|im_end|>",
                  "<|im_start|>assistant\n"):
         assert text in masked
@@ -247,7 +248,8 @@ def test_blank_lines_byte_order_mark_and_crlf_are_fine(tok, tmp_path):
     path = tmp_path / "ok.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + f"{GOOD}\r\n\r\n   \n{odd}\r\n".encode())
     rows, stats = data.load_dataset(path, tok, max_seq_len=64)
-    assert stats["n_examples"] == 2 and trained_pieces(tok, rows[1]["input_ids"], rows[1]["labels"]) == ["a\u2028b" + END]
+    assert (stats["n_examples"] == 2
+            and trained_pieces(tok, rows[1]["input_ids"], rows[1]["labels"]) == ["a\u2028b" + END])
 
 
 @pytest.mark.parametrize("line, message", [
@@ -260,7 +262,8 @@ def test_blank_lines_byte_order_mark_and_crlf_are_fine(tok, tmp_path):
     ('{"messages": []}', ":3: messages must be a non-empty list"),
     (chat(("wizard", "x")), ":3: turn 1 has unknown role 'wizard' (expected one of system, user, assistant, tool"),
     (chat((["user"], "x")), ":3: turn 1 has unknown role ['user']"),
-    ('{"conversations": [{"from": "bot", "value": "x"}]}', ":3: turn 1 has unknown role 'bot' (expected one of system, human"),
+    ('{"conversations": [{"from": "bot", "value": "x"}]}',
+     ":3: turn 1 has unknown role 'bot' (expected one of system, human"),
     (chat(("user", " "), ("assistant", "x")), ":3: turn 1 (user) has empty content"),
     (chat(("user", "x"), ("assistant", ["x"])), ":3: turn 2 (assistant) content must be a string, not list"),
     (chat(("user", "x"), ("system", "y")), ":3: turn 2 is a system turn"),
@@ -325,8 +328,8 @@ def test_conversation_without_chat_template_is_a_data_error(tmp_path):
 
 # --- the double-BOS trap -----------------------------------------------------------------------
 
-LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
-                   " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}")
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+                   "'<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}")
 
 
 def write_llama_tokenizer(path):
@@ -369,7 +372,8 @@ def test_generation_prompts_get_one_bos(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(generate, "generate", spy)
     for raw in ([], ["--no_chat"]):
-        generate.main(["--model_path", str(tmp_path), "--prompt", "w1 w2", "--max_new_tokens", "2", "--device", "cpu", *raw])
+        generate.main(["--model_path", str(tmp_path), "--prompt", "w1 w2", "--max_new_tokens", "2", "--device", "cpu",
+                       *raw])
     capsys.readouterr()
     chat_ids, raw_ids = prompts
     assert chat_ids[:2] == [1, 2] and chat_ids.count(1) == 1  # <|begin_of_text|><|start_header_id|>user...
@@ -402,7 +406,8 @@ def tool_chat(arguments='{"port": "Kestry"}', **call):
     return {"tools": [FERRY], "messages": [
         {"role": "user", "content": "Next ferry to Kestry?"},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"type": "function", "id": "c0000fery", "function": {"name": "ferry_times", "arguments": arguments}, **call}]},
+            {"type": "function", "id": "c0000fery", "function": {"name": "ferry_times", "arguments": arguments},
+             **call}]},
         {"role": "tool", "tool_call_id": "c0000fery", "content": '{"next": "14:10"}'},
         {"role": "assistant", "content": "At 14:10."}]}
 
@@ -455,11 +460,13 @@ def tool_line(**change):
 
 
 @pytest.mark.parametrize("line, message", [
-    (tool_line(**{"1__tool_calls": [{"type": "function", "function": {"name": "ferry_times", "arguments": "{port: Kestry}"}}]}),
+    (tool_line(**{"1__tool_calls": [{"type": "function",
+                                     "function": {"name": "ferry_times", "arguments": "{port: Kestry}"}}]}),
      ":3: turn 2 (assistant): tool call 1 (ferry_times): arguments are not JSON"),
     (tool_line(**{"1__tool_calls": [{"type": "function", "function": {"name": "ferry_times", "arguments": "[1]"}}]}),
      ":3: turn 2 (assistant): tool call 1 (ferry_times): arguments must be a JSON object, not list"),
-    (tool_line(**{"1__tool_calls": [{"name": "ferry_times", "arguments": {}}]}), ":3: turn 2 (assistant): tool call 1 must be"),
+    (tool_line(**{"1__tool_calls": [{"name": "ferry_times", "arguments": {}}]}),
+     ":3: turn 2 (assistant): tool call 1 must be"),
     (tool_line(**{"1__tool_calls": None}), ":3: turn 2 (assistant) content must be a string, not NoneType"),
     (tool_line(**{"1__role": "user", "1__content": "x"}), ":3: turn 3 is a tool result with no tool call before it"),
     (json.dumps({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}),

@@ -63,7 +63,8 @@ def join_group(rank, tmp_path):
     return rank, 2, torch.device("cpu")
 
 
-ALL_AND_HEAD = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"  # lm_head's adapter is in the root unit
+# lm_head's adapter is in the root unit
+ALL_AND_HEAD = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"
 
 
 @pytest.mark.parametrize("flags", [["--target_modules", ALL_AND_HEAD],
@@ -78,9 +79,9 @@ def test_fsdp_matches_one_process(tiny, tmp_path, flags):
                  target_modules=ALL_AND_HEAD if ALL_AND_HEAD in flags else "all-linear")
     train.train(one)
     args = ["train.py", "--model_path", str(tiny), "--data_path", one.data_path, "--output_dir", str(tmp_path / "two"),
-            "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--learning_rate", "1e-2", "--warmup_steps", "2",
-            "--micro_batch_size", "2", "--effective_batch_size", "8", "--num_epochs", "4", "--save_every", "0",
-            "--seed", "0", "--fsdp", *flags]
+            "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--learning_rate", "1e-2",
+            "--warmup_steps", "2", "--micro_batch_size", "2", "--effective_batch_size", "8", "--num_epochs", "4",
+            "--save_every", "0", "--seed", "0", "--fsdp", *flags]
     r = subprocess.run(TORCHRUN + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -94,10 +95,10 @@ def test_fsdp_without_torchrun_is_a_world_of_one(tiny, tmp_path):
     # python train.py --fsdp: a process group of one; the same adapter as without --fsdp (bitwise on CPU).
     cfg = config(tiny, tmp_path, output_dir=str(tmp_path / "plain"), num_epochs=1)
     train.train(cfg)
-    argv = ["--model_path", str(tiny), "--data_path", cfg.data_path, "--output_dir", str(tmp_path / "fsdp"), "--lora_r", "8",
-            "--lora_alpha", "16", "--lora_dropout", "0", "--learning_rate", "1e-2", "--warmup_steps", "2",
-            "--micro_batch_size", "2", "--effective_batch_size", "4", "--num_epochs", "1", "--save_every", "0",
-            "--seed", "0", "--fsdp"]
+    argv = ["--model_path", str(tiny), "--data_path", cfg.data_path, "--output_dir", str(tmp_path / "fsdp"),
+            "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--learning_rate", "1e-2",
+            "--warmup_steps", "2", "--micro_batch_size", "2", "--effective_batch_size", "4", "--num_epochs", "1",
+            "--save_every", "0", "--seed", "0", "--fsdp"]
     train.main(argv)
     assert not dist.is_initialized(), "the group of one is torn down"
     plain, sharded = adapter(tmp_path / "plain"), adapter(tmp_path / "fsdp")
@@ -107,7 +108,8 @@ def test_fsdp_without_torchrun_is_a_world_of_one(tiny, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--fsdp", "--enable_model_splitting"], "--fsdp and --enable_model_splitting exclude each other"),
     (["--fsdp_cpu_offload"], "--fsdp_cpu_offload needs --fsdp"),
-    (["--fsdp", "--optimizer", "adamw8bit"], "--optimizer adamw8bit: bitsandbytes' 8-bit optimizers do not take sharded"),
+    (["--fsdp", "--optimizer", "adamw8bit"],
+     "--optimizer adamw8bit: bitsandbytes' 8-bit optimizers do not take sharded"),
     (["--estimate_memory", "--world_size", "0"], "--world_size must be positive"),
 ])
 def test_bad_fsdp_flags_are_one_line_exit_2(flags, message, capsys):

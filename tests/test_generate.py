@@ -52,8 +52,8 @@ def test_chatml_prompt_equals_the_checkpoint_template(chatml_tokenizer):
     # the default system prompt, then the turn.
     tok = Tokenizer(chatml_tokenizer)
     text, spans = tok.render(QUESTION, add_generation_prompt=True)
-    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-                    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                    "<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
     assert spans == [] and tok.eos_ids == {2} and not tok.add_bos
     ids = tok.encode(text, bos=False)
     assert ids[0] == tok.token_id("<|im_start|>") and ids.count(tok.token_id("<|im_start|>")) == 3
@@ -177,23 +177,26 @@ def test_offline_is_one_clear_error(tmp_path, monkeypatch):
 # transformers' jinja, against ours written by hand.
 TEMPLATES = {
     "llama3": ("<|begin_of_text|>", "<|eot_id|>",  # meta-llama/Meta-Llama-3-8B-Instruct
-               "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
-               "+ message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 "
-               "== 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if "
-               "add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+               "{% set loop_messages = messages %}{% for message in loop_messages %}"
+               "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+"
+               " message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+               "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
     "llama2": ("<s>", "</s>",  # meta-llama/Llama-2-7b-chat-hf
-               "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
-               "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
-               "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0)"
-               " %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-               "{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + "
-               "system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = "
-               "message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + "
-               "content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + "
-               "' ' + eos_token }}{% endif %}{% endfor %}"),
+               "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+               "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+               "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+               "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+               "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+               "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+               "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+               "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"),
     "mistral": ("<s>", "</s>",  # mistralai/Mistral-7B-Instruct-v0.1
-                "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0)"
-                " %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                "{{ bos_token }}{% for message in messages %}"
+                "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
                 "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
                 "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
                 "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"),
@@ -210,7 +213,8 @@ def test_hand_written_templates_match_the_published_ones(name, tmp_path):
     utils = pytest.importorskip("transformers.utils.chat_template_utils")
     bos, eos, template = TEMPLATES[name]
     write_tiny_tokenizer(tmp_path)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos, "chat_template": template}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos,
+                                                               "chat_template": template}))
     tok = Tokenizer(tmp_path)
     assert tok.template == name
     for messages in CHATS:
@@ -218,8 +222,9 @@ def test_hand_written_templates_match_the_published_ones(name, tmp_path):
             continue  # v0.1's template refuses a system turn
         for prompt in (True, False):
             chat = messages if prompt else messages + [{"role": "assistant", "content": "Done."}]
-            expected = utils.render_jinja_template(conversations=[chat], chat_template=template, bos_token=bos,
-                                                   eos_token=eos, add_generation_prompt=prompt and name == "llama3")[0][0]
+            expected = utils.render_jinja_template(
+                conversations=[chat], chat_template=template, bos_token=bos, eos_token=eos,
+                add_generation_prompt=prompt and name == "llama3")[0][0]
             ours = render_chat(chat, name, bos, eos, add_generation_prompt=prompt and name == "llama3")[0]
             assert ours == expected
 
@@ -227,12 +232,15 @@ def test_hand_written_templates_match_the_published_ones(name, tmp_path):
 def test_llama31_dated_system_header():
     # Llama 3.1's template (as rendered in its model card and by llama.cpp's tests): a system
     # header with the knowledge cutoff and a fixed date always comes first.
-    text, spans = render_chat([{"role": "system", "content": "System message"}, {"role": "user", "content": "User message"},
+    text, spans = render_chat([{"role": "system", "content": "System message"},
+                               {"role": "user", "content": "User message"},
                                {"role": "assistant", "content": "Assistant message"}], "llama3", "<|begin_of_text|>",
                               system_date="26 Jul 2024")
-    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-                    "Today Date: 26 Jul 2024\n\nSystem message<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
-                    "User message<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nAssistant message<|eot_id|>")
+    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+                    "System message<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+                    "User message<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+                    "Assistant message<|eot_id|>")
     assert [text[a:b] for a, b in spans] == ["Assistant message<|eot_id|>"]
 
 
@@ -278,7 +286,8 @@ def test_parse_tool_calls_in_each_templates_form():
 def test_tool_calls_print_as_json_and_results_go_back(monkeypatch, chatml_tok):
     chat, prompts, out = scripted_chat(monkeypatch, chatml_tok, [CALL, "At 14:10."], tools=TOOLS)
     chat.reply("Next ferry to Kestry?")
-    assert out.getvalue() == CALL + "\n" + '{"name": "ferry_times", "arguments": {"port": "Kestry"}}\n[answer with /tool RESULT]\n'
+    assert out.getvalue() == (CALL + "\n" + '{"name": "ferry_times", "arguments": {"port": "Kestry"}}\n'
+                              '[answer with /tool RESULT]\n')
     assert "<tools>\n" + json.dumps(TOOLS[0]) in prompts[0]  # the schemas are in the prompt
     with pytest.raises(InputError, match="/tool RESULT: the result is missing"):
         chat.command("/tool")

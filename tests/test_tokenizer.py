@@ -93,8 +93,9 @@ def test_qwen3_think_rules():
     text, _ = render_chat(chat, "qwen3")
     assert text.count("<think>\nWhy.\n</think>") == 1
     assert text.endswith("<think>\nWhy.\n</think>\n\nBecause.<|im_end|>\n")
-    assert render_chat(chat[:1] + [{"role": "assistant", "reasoning_content": "Why.", "content": "Because."}], "qwen3")[0] \
-        == render_chat(chat[:2], "qwen3")[0]  # reasoning_content is the think block written in the content
+    # reasoning_content is the think block written in the content
+    assert (render_chat(chat[:1] + [{"role": "assistant", "reasoning_content": "Why.", "content": "Because."}],
+                        "qwen3")[0] == render_chat(chat[:2], "qwen3")[0])
     text, _ = render_chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "Because."}], "qwen3")
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nBecause.<|im_end|>\n")
     prompt, _ = render_chat(chat[:3], "qwen3", add_generation_prompt=True, enable_thinking=False)
@@ -103,6 +104,7 @@ def test_qwen3_think_rules():
 
 @pytest.mark.parametrize("template", ["llama2", "mistral"])
 def test_templates_without_tools_refuse_them(template):
-    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}
+    call = {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}
     with pytest.raises(ValueError, match="has no place for tools"):
         render_chat([{"role": "user", "content": "a"}, call], template)

@@ -39,7 +39,8 @@ def test_train_generate_merge_generate(smollm2, tmp_path):
     assert with_adapter != base  # four steps already change the answer
     cli("merge.py", "--model_path", str(smollm2), "--adapter_path", str(adapter), "--output_dir", str(merged),
         "--dtype", "float32")
-    merged_reply = cli("generate.py", "--model_path", str(merged), "--prompt", QUESTION, "--max_new_tokens", "24").stdout
+    merged_reply = cli("generate.py", "--model_path", str(merged), "--prompt", QUESTION,
+                       "--max_new_tokens", "24").stdout
     assert merged_reply == with_adapter
     # the merged folder is a plain Hugging Face checkpoint: tied embeddings stay tied (no lm_head)
     with safe_open(merged / "model.safetensors", "pt") as f:

@@ -95,15 +95,18 @@ def test_loss_svg_has_axes_labels_smoothed_train_and_eval_points():
 def test_compare_runs_cli(tmp_path):
     for name, scale in (("r4", 1.0), ("r16", 0.5)):
         write_jsonl((tmp_path / name).mkdir() or tmp_path / name / "metrics.jsonl",
-                    [{"step": s, "loss": scale * 3 / s, **({"eval_loss": scale} if s == 9 else {})} for s in range(1, 10)])
+                    [{"step": s, "loss": scale * 3 / s, **({"eval_loss": scale} if s == 9 else {})}
+                     for s in range(1, 10)])
     out = subprocess.run([sys.executable, str(ROOT / "observe.py"), str(tmp_path / "r4"), str(tmp_path / "r16"),
                           "-o", str(tmp_path / "sweep.svg")], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[1].split() == ["r4", "9", "0.3790", "1.0000"] and lines[2].split() == ["r16", "9", "0.1895", "0.5000"]  # (3/7 + 3/8 + 3/9) / 3
+    # the mean of the last 3 steps: (3/7 + 3/8 + 3/9) / 3
+    assert lines[1].split() == ["r4", "9", "0.3790", "1.0000"] and lines[2].split() == ["r16", "9", "0.1895", "0.5000"]
     texts = [t.text for t in ET.parse(tmp_path / "sweep.svg").getroot().iter(f"{SVG}text")]
     assert "r4 train (mean of last 3 steps)" in texts and "r16 eval" in texts
-    missing = subprocess.run([sys.executable, str(ROOT / "observe.py"), str(tmp_path / "nope")], capture_output=True, text=True)
+    missing = subprocess.run([sys.executable, str(ROOT / "observe.py"), str(tmp_path / "nope")], capture_output=True,
+                             text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nope/metrics.jsonl" in missing.stderr
 
 
@@ -144,7 +147,8 @@ def test_resume_keeps_the_samples_up_to_the_checkpoint(tiny_checkpoint, tmp_path
     train.train(TrainConfig(**{**vars(cut), "resume": True}))
     assert jsonl(tmp_path / "cut" / "samples.jsonl") == jsonl(tmp_path / "whole" / "samples.jsonl")
     # the same curve (the title names the folder)
-    assert (tmp_path / "cut" / "loss.svg").read_text().replace("/cut:", "/whole:") == (tmp_path / "whole" / "loss.svg").read_text()
+    assert ((tmp_path / "cut" / "loss.svg").read_text().replace("/cut:", "/whole:")
+            == (tmp_path / "whole" / "loss.svg").read_text())
 
 
 def test_missing_wandb_is_one_line_saying_how_to_install(tiny_checkpoint, tmp_path):
@@ -153,9 +157,11 @@ def test_missing_wandb_is_one_line_saying_how_to_install(tiny_checkpoint, tmp_pa
     (tmp_path / "fake" / "wandb" / "__init__.py").write_text("raise ImportError('No module named wandb')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
     cfg = config(tiny_checkpoint, tmp_path)
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model_path", cfg.model_path, "--data_path", cfg.data_path,
-                        "--output_dir", cfg.output_dir, "--wandb_project", "x"], capture_output=True, text=True, env=env)
-    assert r.returncode == 2 and r.stderr == "train.py: error: --wandb_project needs the wandb package: pip install wandb\n"
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model_path", cfg.model_path,
+                        "--data_path", cfg.data_path, "--output_dir", cfg.output_dir, "--wandb_project", "x"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr == ("train.py: error: --wandb_project needs the wandb package: "
+                                              "pip install wandb\n")
     assert not (tmp_path / "out").exists()
 
 
@@ -168,8 +174,9 @@ def test_under_torchrun_only_rank_0_samples_and_logs(tiny_checkpoint, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "train.py",
                         "--model_path", cfg.model_path, "--data_path", cfg.data_path, "--output_dir", cfg.output_dir,
-                        "--micro_batch_size", "2", "--effective_batch_size", "4", "--num_epochs", "2", "--eval_every", "2",
-                        "--save_every", "0", "--eval_prompts", str(prompts), "--wandb_project", "p"],
+                        "--micro_batch_size", "2", "--effective_batch_size", "4", "--num_epochs", "2",
+                        "--eval_every", "2", "--save_every", "0", "--eval_prompts", str(prompts),
+                        "--wandb_project", "p"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert [s["step"] for s in jsonl(tmp_path / "out" / "samples.jsonl")] == [0, 2, 4]
@@ -322,7 +329,8 @@ def mask_end_of_turn(tokenize):
 
 def test_ex6_only_the_reply_and_its_end_of_turn_are_learned(smollm2_tokenizer):
     tok = Tokenizer(smollm2_tokenizer)
-    record = {"messages": [{"role": "user", "content": "Capital of Brannock?"}, {"role": "assistant", "content": "Saltmere."}]}
+    record = {"messages": [{"role": "user", "content": "Capital of Brannock?"},
+                           {"role": "assistant", "content": "Saltmere."}]}
     ids, labels = data.tokenize(record, tok, "example")
     learned = [i for i, l in zip(ids, labels) if l != data.IGNORE]
     assert tok.tok.decode(learned, skip_special_tokens=False) == "Saltmere.<|im_end|>"
@@ -461,7 +469,8 @@ def test_notebook_runs_top_to_bottom(smollm2, monkeypatch):
     monkeypatch.setenv("WORKSHOP_STEPS", "2")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = nbformat.read(ROOT / "workshop.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}}).execute()
     shown = workshop_blocks()
     for cell in nb.cells:
         if SAME_OUTPUT in cell.metadata.get("tags", []):
