@@ -7,7 +7,7 @@ tokenizers made by tests/helpers.py. Tests marked `cuda` need a GPU and are the 
 import pytest
 import torch
 
-from helpers import SMOLLM2, SMOLLM2_TOKENIZER, in_ci, make_tiny_checkpoint, write_chatml_tokenizer
+from helpers import SMOLLM2, SMOLLM2_TOKENIZER, hf_checkpoint, in_ci, make_tiny_checkpoint, write_chatml_tokenizer
 
 
 def pytest_configure(config):
@@ -75,11 +75,10 @@ def tiny_checkpoint(tmp_path):
 
 
 @pytest.fixture
-def hf_base(smollm2):
-    """A loader of SmolLM2 as transformers builds it, for comparisons with PEFT."""
+def hf_base(tmp_path):
+    """A checkpoint folder written by transformers, for comparisons with PEFT (load it there with
+    helpers.load_hf): a tiny random Llama shaped like SmolLM2 (tied embeddings, GQA 9/3 heads of 8,
+    norms not 1), helpers.hf_checkpoint's. The interop is exact on it as on the real model."""
     pytest.importorskip("peft", reason="peft is needed to compare with PEFT")
-    transformers = pytest.importorskip("transformers", reason="transformers is needed to compare with PEFT")
-
-    def load():
-        return transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    return load
+    pytest.importorskip("transformers", reason="transformers is needed to compare with PEFT")
+    return hf_checkpoint(tmp_path / "hf_base")[1]

@@ -71,12 +71,18 @@ def make_tiny_checkpoint(path, **config):
     with torch.no_grad():  # default init caps logit gaps (|h| ~ 8, |w_v| ~ 0.6): a frozen
         model.lm_head.weight.mul_(8)  # head like that keeps any loss above ~1 nat; widen it
     write_checkpoint(path, model)
-    write_tiny_tokenizer(path, model.config.vocab_size)
+    write_tiny_chat_tokenizer(path, model.config.vocab_size)
+    return path
+
+
+def write_tiny_chat_tokenizer(path, vocab_size=128):
+    """write_tiny_tokenizer's word-level tokenizer with a tokenizer_config.json: a ChatML template,
+    pad == eos == <|im_end|>, no BOS."""
+    write_tiny_tokenizer(path, vocab_size)
     (path / "tokenizer_config.json").write_text(json.dumps({
         "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "add_bos_token": False,
         "chat_template": "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + "
                          "'<|im_end|>\\n'}}{% endfor %}"}))
-    return path
 
 
 def write_tiny_tokenizer(path, vocab_size=128, specials=("<unk>", "<|im_start|>", "<|im_end|>"), bos=None):
@@ -267,11 +273,25 @@ def adapted_on_nf4_and_dequantized(**settings):
     return qmodel, x, results
 
 
+def hf_checkpoint(path, family="smollm2"):
+    """hf_model(family) written by transformers' save_pretrained, with write_tiny_chat_tokenizer's
+    tokenizer: a folder both transformers and we load. (The model, the folder.)"""
+    hf = hf_model(family)
+    hf.save_pretrained(path)
+    write_tiny_chat_tokenizer(path, hf.config.vocab_size)
+    return hf, path
+
+
+def load_hf(path):
+    """transformers' model of a checkpoint folder, in fp32, the reference our exact tests compare with."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 def tied_hf_and_ours(tmp_path):
     """A random tiny Llama with tied embeddings, from transformers, and ours loaded from its files."""
-    hf = hf_model("smollm2")  # tie_word_embeddings=True
-    hf.save_pretrained(tmp_path / "base")
-    return hf, Transformer.from_pretrained(tmp_path / "base")
+    hf, path = hf_checkpoint(tmp_path / "base")  # smollm2: tie_word_embeddings=True
+    return hf, Transformer.from_pretrained(path)
 
 
 # --- data and training runs -------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from adapters import apply_lora, disable_adapters, lora_layers, merge_and_unload, merge_lora, set_adapter, unmerge_lora
-from helpers import adapted_on_nf4_and_dequantized, ids, lora_model, randomize_B, tied_hf_and_ours, tiny
+from helpers import adapted_on_nf4_and_dequantized, ids, load_hf, lora_model, randomize_B, tied_hf_and_ours, tiny
 from lora import AdapterSettings
 from model import Transformer
 from peft_format import load_adapter, save_adapter
@@ -183,27 +183,27 @@ def train_steps(model, x, steps=3, lr=1e-2):
     return model.eval()
 
 
-def test_dora_round_trips_with_peft_after_training(smollm2, hf_base, tmp_path):
-    # SmolLM2, DoRA on q/v/down_proj, 3 AdamW steps (A, B and m all move): trained here and
-    # loaded in PEFT, and trained in PEFT and loaded here, give the same logits (fp32, atol 1e-4)
+def test_dora_round_trips_with_peft_after_training(hf_base, tmp_path):
+    # A tiny SmolLM2-shaped base, DoRA on q/v/down_proj, 3 AdamW steps (A, B and m all move): trained
+    # here and loaded in PEFT, and trained in PEFT and loaded here, give the same logits (fp32, atol 1e-4)
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    x = torch.randint(0, 49152, (1, 24))
     targets = ["q_proj", "v_proj", "down_proj"]
-    ours = Transformer.from_pretrained(smollm2)
+    ours = Transformer.from_pretrained(hf_base)
+    x = torch.randint(0, ours.config.vocab_size, (1, 24))
     apply_lora(ours, r=4, alpha=8, target_modules=targets, use_dora=True, verbose=False)
     start = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
     train_steps(ours, x)
     assert all(not torch.equal(p, start[n]) for n, p in ours.named_parameters() if n in start)
     save_adapter(ours, tmp_path / "ours")
-    theirs = PeftModel.from_pretrained(hf_base(), tmp_path / "ours").eval()
+    theirs = PeftModel.from_pretrained(load_hf(hf_base), tmp_path / "ours").eval()
     with torch.no_grad():
         assert (ours(x) - theirs(x).logits).abs().max() < 1e-4
 
-    theirs = get_peft_model(hf_base(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True))
+    theirs = get_peft_model(load_hf(hf_base), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True))
     train_steps(theirs, x)
     theirs.save_pretrained(tmp_path / "theirs")
-    ours = Transformer.from_pretrained(smollm2)
+    ours = Transformer.from_pretrained(hf_base)
     load_adapter(ours, tmp_path / "theirs")
     with torch.no_grad():
         diff = (ours(x) - theirs(x).logits).abs().max()

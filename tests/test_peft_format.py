@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adapters import apply_lora, count_parameters, disable_adapters, lora_layers
-from helpers import BLOCK_LINEARS, hf_model, ids, lora_model, randomize_B, tied_hf_and_ours, tiny
+from helpers import BLOCK_LINEARS, hf_model, ids, load_hf, lora_model, randomize_B, tied_hf_and_ours, tiny
 from lora import LoRAError
 from model import Transformer
 from peft_format import load_adapter, load_adapter_weights, save_adapter
@@ -140,21 +140,28 @@ def test_mismatched_adapters_are_refused(tmp_path):
     assert not lora_layers(model)  # a refused adapter leaves the model untouched
 
 
-def test_our_adapter_loads_in_peft(smollm2, hf_base, tmp_path):
+def test_our_adapter_loads_in_peft(hf_base, tmp_path):
     # saved here, loaded by PeftModel.from_pretrained with no warning from PEFT: same logits
-    # (fp32, atol 1e-4); the same trainable / all parameter counts as PEFT's
+    # (fp32, atol 1e-4); the same trainable / all parameter counts as PEFT's, and as the shapes say
     from peft import PeftModel
 
-    ours = Transformer.from_pretrained(smollm2)
+    ours = Transformer.from_pretrained(hf_base)
     apply_lora(ours, r=8, alpha=16, target_modules=["q_proj", "v_proj"], verbose=False)
     randomize_B(ours, std=0.02)
-    save_adapter(ours, tmp_path, base_model_name_or_path=str(smollm2))
+    save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(hf_base))
     x = torch.randint(0, ours.config.vocab_size, (1, 16))
+    base = load_hf(hf_base)
+    n_base = sum(p.numel() for p in base.parameters())  # transformers' count: the tied table once
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        theirs = PeftModel.from_pretrained(hf_base(), tmp_path, is_trainable=True).eval()
+        theirs = PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True).eval()
     assert not [w for w in caught if "peft" in w.filename], [str(w.message) for w in caught]
-    assert count_parameters(ours) == theirs.get_nb_trainable_parameters() == (460_800, 134_975_808)
+    # r (in + out) per adapted linear: q_proj d -> heads * head_dim, v_proj d -> kv_heads * head_dim
+    # (on SmolLM2-135M: 30 * 8 * (576 + 576 + 576 + 192) = 460,800)
+    c = ours.config
+    n_lora = c.num_hidden_layers * 8 * (2 * c.hidden_size
+                                        + (c.num_attention_heads + c.num_key_value_heads) * c.head_dim)
+    assert count_parameters(ours) == theirs.get_nb_trainable_parameters() == (n_lora, n_base + n_lora)
     with torch.no_grad():
         ours_logits, theirs_logits = ours(x), theirs(x).logits
         with disable_adapters(ours), theirs.disable_adapter():
@@ -164,15 +171,16 @@ def test_our_adapter_loads_in_peft(smollm2, hf_base, tmp_path):
     assert (ours_logits - theirs_logits).abs().max() < 1e-4  # ...identically in both
 
 
-def test_our_lm_head_adapter_loads_in_peft(smollm2, hf_base, tmp_path):
+def test_our_lm_head_adapter_loads_in_peft(hf_base, tmp_path):
     # an adapter of the tied lm_head (and q_proj), saved here: same logits in PEFT (fp32, atol 1e-4)
     from peft import PeftModel
 
-    ours = Transformer.from_pretrained(smollm2)
+    ours = Transformer.from_pretrained(hf_base)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight  # the base is tied, as SmolLM2
     apply_lora(ours, r=4, alpha=8, target_modules=["lm_head", "q_proj"], verbose=False)
     randomize_B(ours, std=0.02)
-    save_adapter(ours, tmp_path)
-    theirs = PeftModel.from_pretrained(hf_base(), tmp_path).eval()
+    save_adapter(ours, tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(load_hf(hf_base), tmp_path / "adapter").eval()
     x = torch.randint(0, ours.config.vocab_size, (1, 16))
     with torch.no_grad():
         ours_logits, theirs_logits = ours(x), theirs(x).logits
@@ -181,21 +189,22 @@ def test_our_lm_head_adapter_loads_in_peft(smollm2, hf_base, tmp_path):
     assert (ours_logits - theirs_logits).abs().max() < 1e-4 and effect > 1e-2
 
 
-@pytest.mark.parametrize("peft_config, n_layers", [
-    (dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 60),
-    (dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True), 210),
-    (dict(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]), 31),  # lm_head tied to the embeddings
+@pytest.mark.parametrize("peft_config, per_block, outside", [
+    (dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 2, 0),
+    (dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True), 7, 0),
+    (dict(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]), 1, 1),  # lm_head tied to the embeddings
 ])
-def test_peft_adapter_loads_here(smollm2, hf_base, tmp_path, peft_config, n_layers):
-    # made and saved by PEFT with random nonzero A and B: same logits here (fp32, atol 1e-4)
+def test_peft_adapter_loads_here(hf_base, tmp_path, peft_config, per_block, outside):
+    # made and saved by PEFT with random nonzero A and B: same logits here (fp32, atol 1e-4), and
+    # adapters on per_block linears of each block plus `outside` others (all-linear: not lm_head)
     from peft import LoraConfig, get_peft_model
 
-    theirs = get_peft_model(hf_base(), LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False,
-                                                  **peft_config)).eval()
-    theirs.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(smollm2)
-    load_adapter(ours, tmp_path)
-    assert len(lora_layers(ours)) == n_layers
+    theirs = get_peft_model(load_hf(hf_base), LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False,
+                                                         **peft_config)).eval()
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = Transformer.from_pretrained(hf_base)
+    load_adapter(ours, tmp_path / "adapter")
+    assert len(lora_layers(ours)) == per_block * ours.config.num_hidden_layers + outside
     x = torch.randint(0, ours.config.vocab_size, (1, 16))
     with torch.no_grad():
         diff = (ours(x) - theirs(x).logits).abs().max()
