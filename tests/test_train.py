@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from common import InputError
 from config import TrainConfig, parse_args
 import data
-from helpers import ROOT, TINY, chat, config, interrupt_during_step, losses, max_error, write_jsonl
+from helpers import (ROOT, TINY, chat, config, hf_checkpoint, interrupt_during_step, load_hf, losses, max_error,
+                     write_jsonl)
 from loss import CausalLMLoss, LinearCrossEntropy, token_loss
 import train
 
@@ -55,24 +56,29 @@ def test_a_changed_loss_is_never_replaced_by_the_stale_fused_one(tiny_checkpoint
     assert not torch.allclose(plain, token_loss(logits, torch.tensor([6, 7])), atol=1e-2)
 
 
-def test_training_loss_equals_transformers_labels_loss(smollm2):
+def test_training_loss_equals_transformers_labels_loss(tmp_path):
     # Our loss (fused and plain) over a collated batch of two chats of different lengths (reply-only
     # labels, right padding) / the trained-token count == transformers' model(labels=...).loss,
-    # the mean over the same tokens; fp32, atol 1e-4.
-    transformers = pytest.importorskip("transformers")
+    # the mean over the same tokens; fp32, atol 1e-4. The model: a tiny random SmolLM2-shaped Llama
+    # (tied lm_head, which the fused loss reads) as transformers writes it.
+    pytest.importorskip("transformers")
     from model import Transformer
     from tokenizer import Tokenizer
 
-    tok = Tokenizer(smollm2)
-    rows = [data.tokenize(chat(q, a), tok, "row")
-            for q, a in [("What is 2 + 2?", "4."), ("Name a colour.", "Blue, like the sky on a clear day.")]]
+    hf, path = hf_checkpoint(tmp_path / "base")
+    with torch.no_grad():  # logits ~10x wider than at init, so a label off by one costs far more than 1e-4
+        hf.model.norm.weight.mul_(10)
+    hf.save_pretrained(path)
+    tok = Tokenizer(path)
+    rows = [data.tokenize(chat(q, a), tok, "row") for q, a in [("w1 w2 w3", "w4"), ("w5", "w6 w7 w8 w9 w10 w11")]]
     rows = [dict(input_ids=i, labels=l, position_ids=list(range(len(i))), doc_ids=[0] * len(i)) for i, l in rows]
     b = data.collate(rows, tok.pad_id)
     n = (b["targets"] != data.IGNORE).sum()
-    model = Transformer.from_pretrained(smollm2).requires_grad_(False)
+    assert len(rows[0]["input_ids"]) != len(rows[1]["input_ids"])  # so one row is padded
+    model = Transformer.from_pretrained(path).requires_grad_(False)
     with torch.no_grad():
         ours = [CausalLMLoss(model, fused=f)(b["input_ids"], b["targets"], None, None) / n for f in (True, False)]
-        hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+        hf = load_hf(path)
         labels = torch.cat([torch.full_like(b["targets"][:, :1], -100), b["targets"][:, :-1]], 1)  # HF shifts itself
         mask = (torch.arange(b["input_ids"].shape[1]) < torch.tensor([[len(r["input_ids"])] for r in rows])).long()
         ref = hf(input_ids=b["input_ids"], attention_mask=mask, labels=labels).loss
