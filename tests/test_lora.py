@@ -294,16 +294,18 @@ def test_ddp_trains_and_saves_peft_names(tmp_path):
         dist.destroy_process_group()
 
 
-def test_qlora_on_smollm2_learns(smollm2):
-    # QLoRA on the real model (NF4 base, bf16 compute, fp32 adapters): 4 AdamW steps on one
-    # sentence lower its loss, and the NF4 buffers stay bit-identical
+def test_qlora_in_bf16_learns_and_keeps_the_nf4_base(tiny_checkpoint):
+    # QLoRA as loaded from a checkpoint (NF4 base, bf16 compute, fp32 adapters): 4 AdamW steps on
+    # one sentence lower its loss, and the NF4 buffers stay bit-identical. (That LoRA teaches the
+    # real model new facts: test_train.py's test_real_model_learns_invented_facts.)
     from tokenizer import Tokenizer
 
-    text = ("The Eiffel Tower is in Paris, the capital of France. It was built in 1889 for the World's Fair "
-            "and is one of the most visited monuments in the world.")
-    x = torch.tensor([Tokenizer(smollm2).encode(text)])
-    model = Transformer.from_pretrained(smollm2, dtype=torch.bfloat16, quantize="nf4")
+    text = " ".join(f"w{7 * i % 100}" for i in range(40))
+    x = torch.tensor([Tokenizer(tiny_checkpoint).encode(text)])
+    model = Transformer.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, quantize="nf4")
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "NF4Linear"
     apply_lora(model, r=8, alpha=16, target_modules="all-linear", verbose=False)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     model.train()
     frozen = {n: b.clone() for n, b in model.named_parameters() if "packed" in n or "absmax" in n}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
