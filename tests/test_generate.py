@@ -85,10 +85,15 @@ def run_cli(*args):
                           cwd=ROOT, timeout=300)
 
 
-def test_cli_prints_only_the_answer_to_stdout(smollm2):
-    r = run_cli("--model_path", str(smollm2), "--prompt", "What is the capital of France?", "--max_new_tokens", "30")
-    assert r.returncode == 0 and "Paris" in r.stdout
-    assert "tok/s" in r.stderr and "tok/s" not in r.stdout
+def test_cli_prints_only_the_answer_to_stdout(tiny_checkpoint):
+    # stdout is exactly the greedy chat answer (as generated here, a line), the timing goes to stderr
+    model, tok = load(tiny_checkpoint)
+    ids = tok.encode(tok.render([{"role": "user", "content": "w5 w6 w7"}], add_generation_prompt=True)[0], bos=False)
+    answer = stream_text(tok, generate(model, ids, 8, eos_ids=tok.eos_ids), tok.eos_ids, out=io.StringIO())
+    assert answer.strip()  # a random model could stop at once: then stdout would show nothing to compare
+    r = run_cli("--model_path", str(tiny_checkpoint), "--prompt", "w5 w6 w7", "--max_new_tokens", "8")
+    assert r.returncode == 0 and r.stdout == answer + "\n"
+    assert "tok/s" in r.stderr
 
 
 @pytest.mark.parametrize("setup, message", [
