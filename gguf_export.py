@@ -50,7 +50,7 @@ import gguf_sentencepiece
 import kquants
 from common import CheckpointError
 from model import Config
-from tokenizer import END_OF_TURN, Tokenizer, read_json, stored_chat_template, token_content
+from tokenizer import END_OF_TURN, MISTRAL, Tokenizer, read_json, stored_chat_template, token_content
 
 # model_type -> (GGUF architecture, q/k rows permuted for llama.cpp's rope). One line per family.
 ARCHS = {
@@ -417,6 +417,23 @@ def ollama_template(tok):
         return (system + '{{- range .Messages }}{{ if ne .Role "system" }}<|start_header_id|>{{ .Role }}'
                 '<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}{{ end }}'
                 '<|start_header_id|>assistant<|end_header_id|>\n\n')
+    # Llama 2 and Mistral 7B: BOS only before later user turns (Llama 2's), the first comes from
+    # add_bos. Their templates strip each message (Llama 2) or each reply (v0.3): Ollama's Go
+    # template has no function for it, so a message sent with spaces around it keeps them.
+    first, eos = '{{- $first := true }}{{- range .Messages }}', tok.eos_text
+    if tok.template == "llama2":
+        return (first + '{{- if eq .Role "user" }}{{ if not $first }}' + tok.bos_text + '{{ end }}[INST] '
+                '{{ if and $first $.System }}<<SYS>>\n{{ $.System }}\n<</SYS>>\n\n{{ end }}{{ .Content }} [/INST]'
+                '{{ $first = false }}{{ else if eq .Role "assistant" }} {{ .Content }} ' + eos + '{{ end }}{{ end }}')
+    if tok.template in MISTRAL:
+        inst, close, reply = MISTRAL[tok.template]
+        if tok.template == "mistral_v3":  # the system prompt in the last message if it is the user's (loop.last)
+            first, here, seen = "{{- range $i, $_ := .Messages }}", "(eq (len (slice $.Messages $i)) 1)", ""
+        else:  # in the first user turn
+            here, seen = "$first", "{{ $first = false }}"
+        return (first + '{{- if eq .Role "user" }}' + inst + '{{ if and ' + here + ' $.System }}{{ $.System }}\n\n'
+                '{{ end }}{{ .Content }}' + close + seen + '{{ else if eq .Role "assistant" }}' + reply
+                + '{{ .Content }}' + eos + '{{ end }}{{ end }}')
     return None
 
 

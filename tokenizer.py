@@ -1,18 +1,20 @@
 """The checkpoint's tokenizer and chat template, with no transformers and no jinja2.
 
 Hugging Face checkpoints describe the chat format as a jinja template in tokenizer_config.json.
-The families we support use one of six formats, recognized by their markers (as llama.cpp
+The families we support use one of eight formats, recognized by their markers (as llama.cpp
 does) and written here by hand:
 
     chatml   <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n        SmolLM2, Qwen2/2.5
     qwen3    chatml, and the reply opens with <think>\\n...\\n</think>\\n\\n      Qwen3
     llama3   <|start_header_id|>user<|end_header_id|>\\n\\nHi<|eot_id|>       Llama 3.x
     llama2   <s>[INST] <<SYS>>\\n...\\n<</SYS>>\\n\\nHi [/INST]                 Llama 2, TinyLlama-chat
-    mistral  <s>[INST] Hi [/INST]                                         Mistral Instruct v0.1
+    mistral  <s>[INST] Hi [/INST]                                         Mistral 7B v0.1's first template
+    mistral_v1  <s> [INST] Hi [/INST] Hello</s>                            Mistral 7B v0.1/v0.2 (tokenizer v1)
+    mistral_v3  <s>[INST] Hi[/INST] Hello</s>                              Mistral 7B v0.3 (tokenizer v3)
     mistral_nemo  <s>[INST]Hi[/INST]                                      Mistral Nemo (llama.cpp's v3-tekken)
 
 Tools, tool calls, tool results and reasoning go where each family's published template puts
-them (render_chat; none in llama2 and mistral); tests/test_tokenizer.py compares every format
+them (render_chat; none in llama2 and the mistral ones); tests/test_tokenizer.py compares every format
 with renderings of the published templates (tests/data/).
 """
 import json
@@ -24,10 +26,13 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from common import CheckpointError
 
-TEMPLATES = ("chatml", "qwen3", "llama3", "llama2", "mistral", "mistral_nemo")
+TEMPLATES = ("chatml", "qwen3", "llama3", "llama2", "mistral", "mistral_v1", "mistral_v3", "mistral_nemo")
 
 
 END_OF_TURN = {"chatml": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>"}  # the token a reply ends with
+# Mistral 7B's forms: what goes before a user message, after it, and before a reply (which ends with EOS)
+MISTRAL = {"mistral": ("[INST] ", " [/INST]", ""), "mistral_v1": (" [INST] ", " [/INST]", " "),
+           "mistral_v3": ("[INST] ", "[/INST]", " ")}
 
 
 def read_json(path):
@@ -140,6 +145,10 @@ def detect_template(chat_template):
         return "llama2"
     if '"[INST]"' in chat_template and "[AVAILABLE_TOOLS]" in chat_template:
         return "mistral_nemo"
+    if "[AVAILABLE_TOOLS] [" in chat_template:  # v0.3's: "[INST] " + ... + "[/INST]"
+        return "mistral_v3"
+    if "' [INST] '" in chat_template:  # v0.2's (and v0.1's today): a space before [INST]
+        return "mistral_v1"
     if "[INST]" in chat_template:
         return "mistral"
     return None
@@ -204,7 +213,9 @@ def render_chat(messages, template, bos="", eos="", default_system=None, system_
         render_mistral_nemo(add, bos, eos, system, messages, tools)
     else:
         if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-            raise ValueError(f"the {template} chat template has no place for tools, tool calls or tool results")
+            raise ValueError("Mistral v0.3's tool format ([AVAILABLE_TOOLS], [TOOL_CALLS]) is not written here"
+                             if template == "mistral_v3" else
+                             f"the {template} chat template has no place for tools, tool calls or tool results")
         if template == "llama2":
             for i, m in enumerate(messages):
                 if m["role"] == "user":  # the system prompt rides in the first user turn
@@ -212,14 +223,18 @@ def render_chat(messages, template, bos="", eos="", default_system=None, system_
                     add(f"{bos}[INST] {(sys_prefix + m['content']).strip()} [/INST]")
                 else:
                     add(f" {m['content'].strip()} {eos}", trained=True)
-        elif template == "mistral":
+        else:
+            inst, close, reply = MISTRAL[template]
+            v3 = template == "mistral_v3"
+            # the system prompt goes before the first user message; v0.3's before the last message,
+            # and only if that is the user's (loop.last): a chat ending with a reply is learned without it
+            at = len(messages) - 1 if v3 else 0
             add(bos)
             for i, m in enumerate(messages):
                 if m["role"] == "user":
-                    sys_prefix = f"{system}\n\n" if i == 0 and system is not None else ""
-                    add(f"[INST] {sys_prefix}{m['content']} [/INST]")
+                    add(inst + (f"{system}\n\n" if i == at and system is not None else "") + m["content"] + close)
                 else:
-                    add(m["content"] + eos, trained=True)
+                    add(reply + (m["content"].strip() if v3 else m["content"]) + eos, trained=True)
     return "".join(parts), spans
 
 

@@ -18,10 +18,12 @@ DATA = Path(__file__).parent / "data"
 REFERENCE = json.loads((DATA / "renderings.json").read_text())
 CHATS, RENDERINGS = REFERENCE["chats"], REFERENCE["renderings"]
 QWEN25_DEFAULT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+SENTENCEPIECE_CHATS = ("llama2", "mistral", "mistral_v1", "mistral_v3")  # a reply follows [/INST], ends with </s>
 HEADERS = {"chatml": ("<|im_start|>assistant\n",), "qwen3": ("<|im_start|>assistant\n",),
            "llama3": ("<|start_header_id|>assistant<|end_header_id|>\n\n",),
-           "mistral_nemo": ("[/INST]", "[/TOOL_RESULTS]")}
-END_OF_TURN = {"chatml": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>", "mistral_nemo": "</s>"}
+           "mistral_nemo": ("[/INST]", "[/TOOL_RESULTS]"), **dict.fromkeys(SENTENCEPIECE_CHATS, ("[/INST]",))}
+END_OF_TURN = {"chatml": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>", "mistral_nemo": "</s>",
+               **dict.fromkeys(SENTENCEPIECE_CHATS, "</s>")}
 
 
 def tokenizer_for(path, template_file, bos, eos):
