@@ -12,6 +12,7 @@ names and PEFT keys map one to one.
 """
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -189,8 +190,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
-    def forward(self, x):
-        return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x, recompute=True):
+        g, u = self.gate_proj(x), self.up_proj(x)
+        h = SwiGLU.apply(g, u)
+        with recomputed(h, lambda: swiglu(g, u), recompute):  # down_proj's LoRA A keeps its input
+            return self.down_proj(h)
+
+
+def swiglu(g, u):
+    return F.silu(g).mul_(u)
 
 
 class SwiGLU(torch.autograd.Function):
@@ -200,13 +208,41 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u):
         ctx.save_for_backward(g, u)
-        return F.silu(g).mul_(u)
+        return swiglu(g, u)
 
     @staticmethod
     def backward(ctx, grad):
         g, u = ctx.saved_tensors
         # d/du = silu(g);  d/dg = u * silu'(g) = u * s (1 + g (1 - s)), s = sigmoid(g)
         return torch.ops.aten.silu_backward(grad * u, g), grad * F.silu(g)
+
+
+@contextmanager
+def recomputed(t, fn, enabled=True):
+    """Inside, where autograd saves `t` for backward (a LoRA A's input: frozen layers keep none),
+    it keeps fn instead and calls it again in backward. For a t that is cheap to compute from
+    tensors backward keeps anyway (a norm's input, SwiGLU's g and u): one t-sized activation
+    less per use. fn() gives t's values bit for bit, as a new contiguous tensor, as t is.
+    Off when not enabled (gradient checkpointing recomputes the whole block) and under
+    torch.compile (its partitioner chooses what to recompute)."""
+    if not enabled or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        yield
+        return
+    storage = t.untyped_storage().data_ptr()
+
+    def pack(saved):  # saved: t or a view of it (a linear layer's flattened input), or another tensor
+        if saved.untyped_storage().data_ptr() != storage:
+            return saved
+        return fn, saved.size(), saved.stride(), saved.storage_offset()
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        fn, size, stride, offset = packed
+        return fn().as_strided(size, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 class Block(nn.Module):
@@ -217,20 +253,26 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, start, recompute=True):
+        # recompute: the normed inputs and SwiGLU's product kept as recipes (see recomputed)
+        h = self.input_layernorm(x)
+        with recomputed(h, lambda: self.input_layernorm(x), recompute):  # the norm keeps x anyway
+            y = x + self.self_attn(h, cos, sin, mask, start)
+        h = self.post_attention_layernorm(y)
+        with recomputed(h, lambda: self.post_attention_layernorm(y), recompute):
+            return y + self.mlp(h, recompute)
 
 
 def checkpointed(block, x, cos, sin, mask, start, offload=False):
     """block(x, ...) keeping only x for backward, which recomputes the block (non-reentrant: frozen
     inputs still give the LoRA weights their gradients). offload: x waits for backward in host
     memory (pinned on a GPU; both copies asynchronous, in stream order), and the device's copy is
-    freed once the next block has read it. A copy's backward is a copy back: the numbers are the same."""
+    freed once the next block has read it. A copy's backward is a copy back: the numbers are the same.
+    No recipes inside (recomputed): the block is recomputed whole."""
     if not offload:
-        return checkpoint(block, x, cos, sin, mask, start, use_reentrant=False)
+        return checkpoint(block, x, cos, sin, mask, start, recompute=False, use_reentrant=False)
     host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda).copy_(x, non_blocking=True)
-    run = lambda h, *args: block(h.to(cos.device, non_blocking=True), *args)
+    run = lambda h, *args: block(h.to(cos.device, non_blocking=True), *args, recompute=False)
     return checkpoint(run, host, cos, sin, mask, start, use_reentrant=False)
 
 

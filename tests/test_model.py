@@ -1,6 +1,8 @@
 """model.py: logits against the Hugging Face implementation, KV cache, GQA, RoPE, loading."""
 import json
 import math
+import weakref
+from functools import partialmethod
 
 import pytest
 import torch
@@ -8,9 +10,12 @@ from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from adapters import apply_lora
 from common import CheckpointError
-from helpers import FAMILIES, hf_model, tiny_config, write_checkpoint
-from model import Config, SwiGLU, Transformer, apply_rope, rope_inv_freq
+from helpers import FAMILIES, hf_model, randomize_B, tiny, tiny_config, write_checkpoint
+from model import Block, Config, SwiGLU, Transformer, apply_rope, rope_inv_freq
+
+ORIGINAL_BLOCK_FORWARD = Block.forward
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -236,6 +241,31 @@ def test_swiglu_keeps_two_tensors_and_gives_autograds_gradients():
     grad = torch.randn_like(ours)
     for a, b in zip(torch.autograd.grad(ours, (g, u), grad), torch.autograd.grad(plain, (g, u), grad)):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_recipes_free_normed_inputs_and_swiglus_product_with_the_same_gradients(monkeypatch, use_dora):
+    # Block.forward(recompute=True) keeps the LoRA inputs of q_proj (the normed x), gate_proj (the
+    # normed y) and down_proj (SwiGLU's product) as recipes: once the loss is computed nothing holds
+    # those tensors, where recompute=False holds all of them; the loss and every adapter gradient are
+    # bit for bit the same (torch.equal, fp32)
+    results, x = [], torch.randint(0, 128, (2, 12))
+    for recompute in (True, False):
+        monkeypatch.setattr(Block, "forward", partialmethod(ORIGINAL_BLOCK_FORWARD, recompute=recompute))
+        model = tiny().train()
+        apply_lora(model, r=4, alpha=8, target_modules="all-linear", use_dora=use_dora, verbose=False)
+        randomize_B(model)
+        inputs = []
+        for block in model.model.layers:
+            for layer in (block.self_attn.q_proj, block.mlp.gate_proj, block.mlp.down_proj):
+                layer.register_forward_hook(lambda layer, args, out: inputs.append(weakref.ref(args[0])))
+        loss = model(x).logsumexp(-1).mean()
+        held = [ref() is not None for ref in inputs]
+        loss.backward()
+        results.append((held, loss, [p.grad for p in model.parameters() if p.requires_grad]))
+    (held, loss, grads), (held_plain, loss_plain, grads_plain) = results
+    assert len(held) == 6 and not any(held) and all(held_plain)
+    assert torch.equal(loss, loss_plain) and all(torch.equal(a, b) for a, b in zip(grads, grads_plain))
 
 
 def test_doc_ids_keep_packed_examples_apart():
