@@ -215,6 +215,28 @@ def tiny_checkpoint(path, model_type):
     return path
 
 
+def write_sentencepiece_tokenizer(path, model_file, chat_template):
+    """A real SentencePiece tokenizer (Llama 2's layout): tokenizer.model from mistral_common (its
+    `model_file`), tokenizer.json as transformers converts it (Metaspace, BPE with byte fallback),
+    tokenizer_config.json as Llama 2's (add_bos_token, added_tokens_decoder). Returns the vocabulary size."""
+    pytest.importorskip("sentencepiece")  # transformers converts tokenizer.model with it
+    mistral_common = pytest.importorskip("mistral_common")  # ships the tokenizer.model files
+    from transformers import AutoTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / model_file, path / "tokenizer.model")
+    special = {"content": None, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+               "special": True}
+    cfg = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+           "unk_token": "<unk>", "pad_token": None, "legacy": False, "tokenizer_class": "LlamaTokenizer",
+           "added_tokens_decoder": {str(i): {**special, "content": t} for i, t in enumerate(["<unk>", "<s>", "</s>"])},
+           "chat_template": chat_template}
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    vocab = AutoTokenizer.from_pretrained(path).backend_tokenizer
+    vocab.save(str(path / "tokenizer.json"))
+    return vocab.get_vocab_size()
+
+
 def unpermute(w, n_heads):
     """llama.cpp's interleaved rope pairs back to Hugging Face's rotate-half halves."""
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 from common import CheckpointError
 from config import TrainConfig
 import gguf_export
-from helpers import ROOT, SMOLLM2, random_adapter, tiny_checkpoint, unpermute, write_checkpoint
+from helpers import (ROOT, SMOLLM2, random_adapter, tiny_checkpoint, unpermute, write_checkpoint,
+                     write_sentencepiece_tokenizer)
 import merge
 from model import Config, Transformer
 from tokenizer import Tokenizer, split_thinking
@@ -298,27 +299,12 @@ SP_TEMPLATES = {  # the families' published templates, in short: what tokenizer.
 
 
 def sentencepiece_checkpoint(path, name):
-    """A tiny Llama-2-shaped checkpoint (random weights, MHA) with a real SentencePiece tokenizer:
-    tokenizer.model from mistral_common, tokenizer.json as transformers converts it (Metaspace,
-    BPE with byte fallback), tokenizer_config.json as Llama 2's (add_bos_token, added_tokens_decoder)."""
-    pytest.importorskip("sentencepiece")  # transformers converts tokenizer.model with it
-    mistral_common = pytest.importorskip("mistral_common")  # ships the tokenizer.model files
-    from transformers import AutoTokenizer
-
+    """A tiny Llama-2-shaped checkpoint (random weights, MHA) with a real SentencePiece tokenizer
+    (helpers.write_sentencepiece_tokenizer)."""
     model_type, model_file, template = SENTENCEPIECE[name]
-    path.mkdir(parents=True)
-    shutil.copy(Path(mistral_common.__file__).parent / "data" / model_file, path / "tokenizer.model")
-    special = {"content": None, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-               "special": True}
-    cfg = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-           "unk_token": "<unk>", "pad_token": None, "legacy": False, "tokenizer_class": "LlamaTokenizer",
-           "added_tokens_decoder": {str(i): {**special, "content": t} for i, t in enumerate(["<unk>", "<s>", "</s>"])},
-           "chat_template": SP_TEMPLATES[template]}
-    (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
-    vocab = AutoTokenizer.from_pretrained(path).backend_tokenizer
-    vocab.save(str(path / "tokenizer.json"))
+    vocab_size = write_sentencepiece_tokenizer(path, model_file, SP_TEMPLATES[template])
     torch.manual_seed(0)
-    config = Config(model_type=model_type, vocab_size=vocab.get_vocab_size(), hidden_size=64, intermediate_size=96,
+    config = Config(model_type=model_type, vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
                     rms_norm_eps=1e-5)
     write_checkpoint(path, Transformer(config))
@@ -539,9 +525,9 @@ def test_modelfile_renders_what_the_published_template_does(smollm2_tokenizer, t
     assert compared >= 3
 
 
-@pytest.mark.parametrize("template,tokenizer_model", [("mistralai-Mistral-7B-Instruct-v0.2.jinja", "tokenizer.model.v1"),
-                                                     ("mistralai-Mistral-Large-Instruct-2407.jinja",
-                                                      "mistral_instruct_tokenizer_240323.model.v3")])
+@pytest.mark.parametrize("template,tokenizer_model", [
+    ("mistralai-Mistral-7B-Instruct-v0.2.jinja", "tokenizer.model.v1"),
+    ("mistralai-Mistral-Large-Instruct-2407.jinja", "mistral_instruct_tokenizer_240323.model.v3")])
 def test_mistral_renderings_are_what_mistral_common_writes(template, tokenizer_model):
     # The Mistral 7B templates stored (v0.2's; the v3 one, Large 2407's, for v0.3) against Mistral's
     # reference, mistral-common with v0.2's tokenizer (v1) and v0.3's (v3): its text of each prompt,

@@ -1,7 +1,8 @@
 """k-quants (kquants.py, merge.py --gguf q4_k_m|q5_k_m|q6_k) against llama.cpp's llama-quantize.
 
-- Byte parity: for SmolLM2-135M-Instruct and tiny llama (untied), qwen2 (tied, q/k/v biases) and
-  qwen3 checkpoints whose rows split into 256s, our q4_k_m/q5_k_m/q6_k file equals, as a whole
+- Byte parity: for SmolLM2-135M-Instruct and tiny llama (untied), qwen2 (tied, q/k/v biases),
+  qwen3, and SentencePiece llama2 (Llama 2's layout) and mistral (Mistral 7B v0.3's) checkpoints
+  whose rows split into 256s, our q4_k_m/q5_k_m/q6_k file equals, as a whole
   file and tensor by tensor (name, type, sha256 of its bytes), what llama-quantize writes from our
   bf16 (SmolLM2) or f32 (tiny) GGUF of the same checkpoint: recorded in
   tests/fixtures/kquants_llama_quantize.json by tests/fixtures/kquants_reference.py. The tiny
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import gguf_export
-from helpers import ROOT, SMOLLM2_TOKENIZER
+from helpers import ROOT, SMOLLM2_TOKENIZER, write_sentencepiece_tokenizer
 import kquants
 import merge
 from model import Config, Transformer, weight_files
@@ -34,6 +35,11 @@ def recorded():
     return json.loads(RECORDED.read_text())
 FTYPES = ("q4_k_m", "q5_k_m", "q6_k")
 TINY = ("llama", "qwen2", "qwen3")
+# Llama 2's layout (MHA, 32000 pieces) and Mistral 7B v0.3's (GQA, 32768): mistral_common's tokenizer.model
+# file and the family's published template
+SENTENCEPIECE = {"llama2": ("tokenizer.model.v1", "meta-llama-Llama-2-7b-chat-hf.jinja"),
+                 "mistral": ("mistral_instruct_tokenizer_240323.model.v3",
+                             "mistralai-Mistral-Large-Instruct-2407.jinja")}
 
 
 def edge_rows(w):
@@ -52,12 +58,21 @@ def edge_rows(w):
 def kquant_checkpoint(path, model_type):
     """A tiny checkpoint with rows of 256 and 512 (so every weight takes a k-quant) and 2 layers
     (use_more_bits gives layer 1's attn_v and ffn_down Q6_K in q4_k_m, not layer 0's): fp32
-    weights from a seeded generator, SmolLM2's tokenizer (its first 512 tokens)."""
+    weights from a seeded generator; SmolLM2's tokenizer (its first 512 tokens), or for llama2 and
+    mistral a real SentencePiece one (helpers.write_sentencepiece_tokenizer) and its whole vocabulary."""
     extra = {"llama": dict(model_type="llama", tie_word_embeddings=False),
              "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
-             "qwen3": dict(model_type="qwen3", tie_word_embeddings=False, head_dim=64)}[model_type]
-    c = Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, **extra)
+             "qwen3": dict(model_type="qwen3", tie_word_embeddings=False, head_dim=64),
+             "llama2": dict(model_type="llama", tie_word_embeddings=False, num_key_value_heads=4),
+             "mistral": dict(model_type="mistral", tie_word_embeddings=False)}[model_type]
+    vocab_size = 512
+    if model_type in SENTENCEPIECE:
+        model_file, template = SENTENCEPIECE[model_type]
+        template = (ROOT / "tests" / "data" / "templates" / template).read_text()
+        vocab_size = write_sentencepiece_tokenizer(path, model_file, template)
+    c = Config(**{**dict(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                         rope_theta=10000.0), **extra})
     with torch.device("meta"):
         shapes = {k: t.shape for k, t in Transformer(c).checkpoint_state_dict().items()}
     g = torch.Generator().manual_seed(0)
@@ -67,13 +82,17 @@ def kquant_checkpoint(path, model_type):
         state[key] = edge_rows(w) if w.dim() == 2 else 1 + w
     path.mkdir(parents=True, exist_ok=True)
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+            "llama2": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[model_type]
     config = {k: getattr(c, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                          "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
                                          "rms_norm_eps", "rope_theta")}
+    if model_type in SENTENCEPIECE:
+        config.update(bos_token_id=1, eos_token_id=2)
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(SMOLLM2_TOKENIZER / name, path / name)
     (path / "config.json").write_text(json.dumps({**config, **extra, "architectures": [arch]}))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(SMOLLM2_TOKENIZER / name, path / name)
     return path
 
 
@@ -114,7 +133,7 @@ def assert_as_recorded(file, ref):
     assert got["file_sha256"] == ref["file_sha256"]  # and the keys, their order, the layout: every byte
 
 
-@pytest.mark.parametrize("model_type", TINY)
+@pytest.mark.parametrize("model_type", TINY + tuple(SENTENCEPIECE))
 @pytest.mark.parametrize("ftype", FTYPES)
 def test_tiny_equals_llama_quantize(recorded, tmp_path, model_type, ftype):
     ref = recorded[f"tiny-{model_type}"]
