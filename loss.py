@@ -16,6 +16,8 @@ from torch.distributed.fsdp import FSDPModule
 
 from data import IGNORE
 
+LOSS_CHUNK = 256  # rows of LinearCrossEntropy's chunk: one (256, vocab) fp32 buffer at a time
+
 
 def token_loss(logits, targets):
     """The training objective: cross-entropy of each trained position's next token, summed.
@@ -73,7 +75,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk=512):
+    def forward(ctx, h, weight, targets, chunk=LOSS_CHUNK):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         for i in range(0, len(h), chunk):
@@ -89,6 +91,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 p.div_(total[:, None])  # softmax
                 p[torch.arange(len(t), device=p.device), t] -= 1
                 grad_h[i:i + chunk] = p.to(h.dtype) @ weight
+            del logits, p  # freed before the next chunk's logits exist: one (n, V) buffer at a time
         ctx.save_for_backward(grad_h)
         return loss
 

@@ -22,11 +22,11 @@ import torch.nn as nn
 from adapters import apply_lora, lora_layers
 from common import replace_module
 from hub import read_config
+from loss import LOSS_CHUNK
 from model import Transformer
 from quant import NF4Linear, is_nf4_target
 
 GiB = 2**30
-LOSS_CHUNK = 512  # rows of loss.LinearCrossEntropy's chunk
 # Optimizer state bytes per trainable parameter: AdamW keeps two fp32 moments; the 8-bit
 # variants keep two uint8 moments (ignoring their per-block absmax, ~1%, and bitsandbytes'
 # fp32 fallback for tensors under 4096 elements).
@@ -54,16 +54,18 @@ def shard_bytes(t, world):
     return math.ceil(t.shape[0] / world) * (t.numel() // t.shape[0]) * t.element_size()
 
 
-def activation_bytes_per_token(c, b, lora_b, targets, r):
+def activation_bytes_per_token(c, b, lora_b, targets, r, recipes=True):
     """Bytes autograd keeps for backward, per token and block (b: compute dtype bytes, lora_b:
     the adapters'). Counted from what each op saves: norms keep their input (and an fp32 copy in
     bf16), attention keeps q, k, v and its output, SwiGLU keeps gate and up, every adapter keeps
-    its input in the adapter's dtype (a copy when that differs) and its r-wide product A x."""
+    its input in the adapter's dtype (a copy when that differs) and its r-wide product A x. The
+    normed inputs and SwiGLU's product are recipes (model.recomputed), except in a block that
+    gradient checkpointing recomputes (recipes=False)."""
     C, I = c.hidden_size, c.intermediate_size
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    norm = 2 * C * b + (4 * C if b < 4 else 0)  # input, normalized output, fp32 copy
+    norm = (1 if recipes else 2) * C * b + (4 * C if b < 4 else 0)  # input, [normalized output], fp32 copy
     attention = (2 * q + 2 * kv) * b + q * b  # q, k, v, output; output reshaped for o_proj
-    mlp = 3 * I * b  # gate, up, silu(gate) * up (the input of down_proj)
+    mlp = (2 if recipes else 3) * I * b  # gate, up, [silu(gate) * up, the input of down_proj]
     inputs = {"q_proj": C, "k_proj": C, "v_proj": C, "o_proj": q, "gate_proj": C, "up_proj": C, "down_proj": I}
     adapters = sum(r * lora_b + (inputs[t] * lora_b if lora_b != b else 0) for t in targets if t in inputs)
     return 2 * norm + attention + mlp + adapters
@@ -93,9 +95,10 @@ def estimate(config, *, quantize=False, dtype=torch.bfloat16, lora_r=16, target_
     targets = {n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)}
     tokens, c = micro_batch_size * max_seq_len, config
     per_block = tokens * activation_bytes_per_token(c, b, lora_b, targets, lora_r)
+    recomputed_block = tokens * activation_bytes_per_token(c, b, lora_b, targets, lora_r, recipes=False)
     outside = tokens * (2 * c.hidden_size * b + 4 * c.hidden_size)  # embeddings' output, final norm
     r["activations (no checkpointing)"] = c.num_hidden_layers * per_block + outside
-    r["activations (checkpointing)"] = c.num_hidden_layers * tokens * c.hidden_size * b + per_block + outside
+    r["activations (checkpointing)"] = c.num_hidden_layers * tokens * c.hidden_size * b + recomputed_block + outside
 
     # transients: a dequantized weight (forward and backward of an NF4 layer), the loss (logits
     # in the compute dtype and in fp32), and under FSDP what is gathered whole: the root unit
