@@ -19,7 +19,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from common import written_atomically
-import fsdp
 from peft_format import load_adapter_weights, save_adapter
 
 
@@ -31,6 +30,8 @@ def save_checkpoint(out, model, optimizer, state, keep=0, sharded=False):
 
     t0 = time.perf_counter()
     final = out / "checkpoints" / f"step-{state['step']}"
+    if sharded:
+        import fsdp  # only --fsdp runs load FSDP (distributed.is_fsdp says why)
     with fsdp.gathered_lora(model) if sharded else nullcontext():
         opt_state = fsdp.full_optimizer_state(optimizer) if sharded else optimizer.state_dict()
         rng = {"cpu": every_rank(torch.get_rng_state())}
@@ -81,6 +82,8 @@ def load_checkpoint(path, model, optimizer, sharded=False):
     returns its trainer_state.json. `sharded` (FSDP): each rank keeps its piece of each."""
     from safetensors.torch import load_file
 
+    if sharded:
+        import fsdp
     with fsdp.gathered_lora(model, write_back=True) if sharded else nullcontext():
         load_adapter_weights(model, path)
     tensors = load_file(path / "trainer_state.safetensors")

@@ -12,9 +12,8 @@ it whenever it is used, so an edited token_loss is never silently replaced by th
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
-
 from data import IGNORE
+from distributed import is_fsdp
 
 LOSS_CHUNK = 256  # rows of LinearCrossEntropy's chunk: one (256, vocab) fp32 buffer at a time
 
@@ -50,7 +49,7 @@ class CausalLMLoss(nn.Module):
         head = self.model.lm_head
         if not self.fused:
             return token_loss(head(h), targets)  # the (N, vocab) logits, then the loss
-        if not isinstance(head, FSDPModule):
+        if not is_fsdp(head):
             return LinearCrossEntropy.apply(h, head.weight, targets)  # the same, chunk by chunk
         # --fsdp with lm_head a unit of its own: its weight is read, not called, so FSDP's hooks do
         # not gather it. Gathered here, and freed after: backward needs only the saved grad_h.

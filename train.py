@@ -30,12 +30,11 @@ from tqdm import tqdm
 
 from adapters import apply_lora, trainable_summary
 from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from common import InputError, cpu_threads, default_dtype, exit_on_input_error
+from common import InputError, default_dtype, exit_on_input_error, following_free_cores
 from config import check_same_run, parse_args, read_run_config
 import data
 from data import IGNORE
 import distributed
-import fsdp
 from hub import resolve_checkpoint
 from loss import CausalLMLoss, fused_loss_applies
 from model import Transformer
@@ -155,6 +154,7 @@ def build_model(cfg, path, device, world, verbose):
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.targets(),
                 use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
     if cfg.fsdp:  # read block by block, each sharded before the next is read
+        import fsdp  # here, not above: a run without --fsdp never loads FSDP (distributed.is_fsdp says why)
         model = fsdp.load_sharded(path, dtype, device, cfg.load_in_4bit, lora, cfg.fsdp_cpu_offload)
         if verbose:
             print(trainable_summary(model))
@@ -177,6 +177,7 @@ def make_loss(cfg, model, world, device):
     or with --fsdp sharded (its own parameters: embeddings, final norm, lm_head; the blocks are already)."""
     loss_fn = CausalLMLoss(model, fused=cfg.loss == "fused" and fused_loss_applies(model))
     if cfg.fsdp:
+        import fsdp
         return fsdp.shard_root(loss_fn, model, cfg.fsdp_cpu_offload)
     return loss_fn if world == 1 else distributed.ddp(loss_fn, device)
 
@@ -260,8 +261,10 @@ def train(cfg, rank=0, world=1, device="cpu"):
     observer.start(model, step)
 
     t_start = time.perf_counter()
-    with catch_signals() as stop, tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train") as bar:
+    with catch_signals() as stop, tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train") as bar, \
+            following_free_cores(device, say) as check_threads:
         while step < total_steps:
+            check_threads()  # CPU: threads for the cores free now (a run beside this one starts, or ends)
             # this step's rows: the epoch's shuffle, cut into this rank's micro batches
             epoch, step_in_epoch = divmod(step, steps_per_epoch)
             order = data.epoch_order(len(rows), cfg.seed, epoch)
@@ -324,6 +327,8 @@ def train(cfg, rank=0, world=1, device="cpu"):
                                   f"continue with: python train.py --output_dir {out} --resume")
 
     # the adapter, in PEFT's format
+    if cfg.fsdp:
+        import fsdp
     with fsdp.gathered_lora(model) if cfg.fsdp else nullcontext():  # FSDP: the shards gathered whole
         if rank == 0:
             save_adapter(model, out, base_model_name_or_path=cfg.model_path)
@@ -343,11 +348,6 @@ def main(argv=None):
     rank, world, device = distributed.setup(cfg.fsdp)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for --precision fp32; bf16 runs are the same
-    threads = cpu_threads()
-    if device.type == "cpu" and threads != torch.get_num_threads():
-        print(f"cpu: {threads} threads, not {torch.get_num_threads()}: other processes keep cores busy now; "
-              "OMP_NUM_THREADS=N to choose")
-        torch.set_num_threads(threads)
     try:
         with exit_on_input_error("train.py"):
             train(cfg, rank, world, device)
