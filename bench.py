@@ -22,10 +22,11 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
-from common import default_device, default_dtype
+from common import default_device, default_dtype, following_free_cores
 from data import IGNORE
 from hub import DEFAULT_MODEL, resolve_checkpoint
 from model import Config, Transformer
@@ -250,9 +251,6 @@ def train_worker(args):
     """One training configuration in this process; prints a JSON line with its figures."""
     torch.manual_seed(0)
     cuda = torch.device(args.device).type == "cuda"
-    if args.auto_threads and not cuda and "OMP_NUM_THREADS" not in os.environ:  # as train.py decides
-        from common import cpu_threads
-        torch.set_num_threads(cpu_threads())
     dtype = default_dtype(args.device)
     B, T = args.micro_batch_size, args.seq_len
     model, loss_of = (ours_to_train if args.impl == "ours" else reference_to_train)(args, dtype)
@@ -261,26 +259,31 @@ def train_worker(args):
     ids = torch.randint(0, model.config.vocab_size, (B, T), device=args.device)
 
     def step():
+        check_threads()
         loss_of(ids).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     if cuda:  # the peak of training: not the model's build or load
         torch.cuda.reset_peak_memory_stats()
-    step()  # warm-up (also allocates the optimizer state)
-    sync(args.device)
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(args.device)
-    dt = (time.perf_counter() - t) / args.steps
+    follow = following_free_cores(args.device, lambda text: print(text, file=sys.stderr)) if args.auto_threads \
+        else nullcontext(lambda: None)  # --auto_threads: threads as train.py chooses them, step by step
+    with follow as check_threads:
+        step()  # warm-up (also allocates the optimizer state)
+        sync(args.device)
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync(args.device)
+        dt = (time.perf_counter() - t) / args.steps
+        threads = torch.get_num_threads()
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
     estimate = None
     if args.impl == "ours":  # weights + LoRA + gradients + AdamW state, before activations
         from memory import memory_report
         estimate = memory_report(model)["total_bytes"]
     print(json.dumps({"tok_s": B * T / dt, "peak_bytes": peak, "estimate_bytes": estimate,
-                      "threads": torch.get_num_threads()}))
+                      "threads": threads}))
 
 
 def peak_rss():
@@ -399,13 +402,14 @@ def bench_train(args, flops):
 def bench_threads(args):
     """One training run (ours) on its own, then beside a second one started just before it with the
     same choice, for each way of choosing CPU threads: every core (torch's default), one thread,
-    common.cpu_threads() (the cores busy now), and every core with GNU OpenMP's threads sleeping
+    train.py's (common.following_free_cores: the cores free now, checked again between steps every
+    10 s), and every core with GNU OpenMP's threads sleeping
     when idle instead of spinning (OMP_WAIT_POLICY=passive, read as the runtime starts). Tokens/s
     of the measured run; the one beside it is stopped after."""
     n = os.cpu_count() or 1
     choices = {f"{n} threads (torch's default)": {"OMP_NUM_THREADS": str(n)}, "1 thread": {"OMP_NUM_THREADS": "1"},
-               "common.cpu_threads()": {}, f"{n} threads, OMP_WAIT_POLICY=passive": {"OMP_NUM_THREADS": str(n),
-                                                                                   "OMP_WAIT_POLICY": "passive"}}
+               "train.py's, following free cores": {},
+               f"{n} threads, OMP_WAIT_POLICY=passive": {"OMP_NUM_THREADS": str(n), "OMP_WAIT_POLICY": "passive"}}
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
     cmd = worker_command(args) + ["--impl", "ours", "--auto_threads"]
     print(f"threads: ours, LoRA r={args.lora_r}, seq {args.seq_len}, micro batch {args.micro_batch_size}, {n} cores; "

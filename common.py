@@ -2,6 +2,7 @@
 errors that end a script with one line, the default device and dtype, how many CPU threads
 to train with, a module swapped by name, and atomic writes.
 """
+import math
 import os
 import shutil
 import sys
@@ -55,18 +56,45 @@ def runnable_now(loadavg="/proc/loadavg", samples=5, interval=0.02):
     return min(counts)
 
 
+TORCH_THREADS = torch.get_num_threads()  # torch's default (one per core), before a run changes it
+
+
 def cpu_threads():
     """Threads for training on the CPU: torch's default (one per core) less the cores that other
     processes keep busy now. Threads that outnumber the free cores spin-wait on each other (GNU
     OpenMP's default), and two runs sharing cores can each go many times slower than with fewer
     threads. OMP_NUM_THREADS, when set, decides; without /proc (macOS, Windows), torch's default."""
     if "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads()
+        return TORCH_THREADS
     try:
         busy = runnable_now() - 1  # less this process's own thread
     except (OSError, ValueError, IndexError):
-        return torch.get_num_threads()
-    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
+        return TORCH_THREADS
+    return max(1, min(TORCH_THREADS, (os.cpu_count() or 1) - busy))
+
+
+@contextmanager
+def following_free_cores(device, say=print, every=10.0):
+    """Yields check(), to call between training steps: on the CPU, it sets torch's threads to
+    cpu_threads() when `every` seconds have passed since it last did (the first call always does),
+    so a run started beside this one, or one ending, moves them, and two runs started at the same
+    moment settle on sharing the cores. A check costs ~0.1 s of sleep (runnable_now's samples).
+    Afterwards, the count from before."""
+    before, last = torch.get_num_threads(), -math.inf
+
+    def check():
+        nonlocal last
+        if torch.device(device).type != "cpu" or time.monotonic() - last < every:
+            return
+        last, old, new = time.monotonic(), torch.get_num_threads(), cpu_threads()
+        if new != old:
+            say(f"cpu: {new} threads, not {old}: the cores other processes leave free now; "
+                "OMP_NUM_THREADS=N to choose")
+            torch.set_num_threads(new)
+    try:
+        yield check
+    finally:
+        torch.set_num_threads(before)
 
 
 def replace_module(root, name, module):

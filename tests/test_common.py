@@ -16,7 +16,7 @@ def test_cpu_threads_leave_the_cores_busy_now_alone(monkeypatch, tmp_path):
     # busy); OMP_NUM_THREADS set: that; no /proc: torch's own count.
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(common, "TORCH_THREADS", 4)
     loadavg = tmp_path / "loadavg"
     loadavg.write_text("3.90 3.10 2.00 1/80 4242\n")
     assert common.runnable_now(loadavg, samples=1) == 1
@@ -33,6 +33,29 @@ def test_cpu_threads_leave_the_cores_busy_now_alone(monkeypatch, tmp_path):
     monkeypatch.setattr(common, "runnable_now", lambda: 4)
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert common.cpu_threads() == 4
+
+
+def test_threads_follow_the_free_cores_between_steps_and_are_restored_after(monkeypatch):
+    # following_free_cores: the first check sets cpu_threads(); a check within `every` seconds of
+    # the last reads nothing; later ones follow the runnable count down (3 others on 4 cores: 1)
+    # and back up, each change said once; the count from before comes back after; not on a GPU.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(common, "TORCH_THREADS", 4)
+    threads, said, clock = [3], [], [0.0]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads[-1])
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(common.time, "monotonic", lambda: clock[0])
+    runnable = iter([1, 4, 1])
+    monkeypatch.setattr(common, "runnable_now", lambda: next(runnable))
+    with common.following_free_cores("cpu", said.append, every=10) as check:
+        for t in (0, 5, 10, 20):
+            clock[0] = t
+            check()
+    assert threads == [3, 4, 1, 4, 3] and len(said) == 3 and "1 threads, not 4" in said[1]
+    with common.following_free_cores("cuda", said.append) as check:
+        check()  # runnable_now would raise StopIteration: it is not read
+    assert threads[-1] == 3 and len(said) == 3
 
 
 def test_written_atomically_leaves_the_old_folder_after_a_failure(tmp_path):
