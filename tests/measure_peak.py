@@ -1,5 +1,6 @@
-"""Peak memory of one train.py run, per process (bench.py --only fsdp, tests/test_fsdp.py): `python tests/measure_peak.py WARMUP_MODEL train.py flags...`,
-under torchrun too. Prints "peak RANK BYTES" and, on rank 0, "estimate BYTES" (train.py --estimate_memory's total).
+"""Peak memory of one train.py run, per process (bench.py --only fsdp, tests/test_fsdp.py):
+`python tests/measure_peak.py WARMUP_MODEL train.py flags...`, under torchrun too. Prints "peak RANK BYTES"
+and, on rank 0, "estimate BYTES" (train.py --estimate_memory's total).
 
 A first short run on WARMUP_MODEL (a tiny checkpoint) touches the code paths of training, whose
 pages are not the run's memory; then the peak resident size (VmHWM) is reset and the real run
@@ -27,7 +28,8 @@ def resident(key):
 
 cfg = parse_args(sys.argv[2:])
 rank, world, device = distributed.setup(cfg.fsdp)
-train.train(dataclasses.replace(cfg, model_path=sys.argv[1], output_dir=f"{cfg.output_dir}-warmup{rank}"), rank, world, device)
+warmup = dataclasses.replace(cfg, model_path=sys.argv[1], output_dir=f"{cfg.output_dir}-warmup{rank}")
+train.train(warmup, rank, world, device)
 if device.type == "cuda":  # the device's memory: what the estimate is for
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()

@@ -42,7 +42,8 @@ def test_bench_runs_every_measure_on_a_tiny_config(tmp_path):
                                       num_key_value_heads=c.num_key_value_heads,
                                       max_position_embeddings=c.max_position_embeddings)))
     out = subprocess.run([sys.executable, "bench.py", "--config_json", str(config),
-                          "--only", "generate,quantize,train,dora", "--steps", "1", "--repeat", "1", "--seq_len", "32", "--new_tokens", "4"],
+                          "--only", "generate,quantize,train,dora", "--steps", "1", "--repeat", "1", "--seq_len", "32",
+                          "--new_tokens", "4"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # a guard, not a timing
     assert out.returncode == 0, out.stderr[-2000:]
     for line in ("ours / transformers = ", "QLoRA model loaded: ", "train LoRA: ", "ours / transformers+peft: ",
