@@ -2,7 +2,6 @@
 errors that end a script with one line, the default device and dtype, how many CPU threads
 to train with, a module swapped by name, and atomic writes.
 """
-import math
 import os
 import shutil
 import sys
@@ -75,26 +74,50 @@ def cpu_threads():
 
 @contextmanager
 def following_free_cores(device, say=print, every=10.0):
-    """Yields check(), to call between training steps: on the CPU, it sets torch's threads to
-    cpu_threads() when `every` seconds have passed since it last did (the first call always does),
-    so a run started beside this one, or one ending, moves them, and two runs started at the same
-    moment settle on sharing the cores. A check costs ~0.1 s of sleep (runnable_now's samples).
-    Afterwards, the count from before."""
-    before, last = torch.get_num_threads(), -math.inf
+    """Yields check(), to call between training steps. On the CPU, its first call sets torch's
+    threads to cpu_threads() (the cores busy now); later calls, once `every` seconds have passed,
+    to the cores left over by what other processes used since the last decision: the machine's
+    busy CPU time less this process's own (busy_cpu_seconds), over the wall time. An average over
+    seconds of training, not a glance: two runs started together that look at the same moment
+    see each other idle (each between steps), but not over their steps. So a run started beside
+    this one, or one ending, moves the threads, and two runs settle on sharing the cores.
+    OMP_NUM_THREADS set: it decides. Afterwards, the count from before."""
+    before, last = torch.get_num_threads(), None  # last: (wall, machine busy, own) seconds
 
     def check():
         nonlocal last
-        if torch.device(device).type != "cpu" or time.monotonic() - last < every:
+        if torch.device(device).type != "cpu" or "OMP_NUM_THREADS" in os.environ:
             return
-        last, old, new = time.monotonic(), torch.get_num_threads(), cpu_threads()
+        if last is not None and time.monotonic() - last[0] < every:
+            return
+        try:
+            now = (time.monotonic(), *busy_cpu_seconds())
+        except (OSError, ValueError, IndexError):  # no /proc (macOS, Windows): torch's default
+            return
+        if last is None:
+            new = cpu_threads()
+        else:
+            others = ((now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0])  # cores' worth
+            new = max(1, min(TORCH_THREADS, (os.cpu_count() or 1) - round(others)))
+        last, old = now, torch.get_num_threads()
         if new != old:
-            say(f"cpu: {new} threads, not {old}: the cores other processes leave free now; "
+            say(f"cpu: {new} threads, not {old}: the cores other processes leave free; "
                 "OMP_NUM_THREADS=N to choose")
             torch.set_num_threads(new)
     try:
         yield check
     finally:
         torch.set_num_threads(before)
+
+
+def busy_cpu_seconds(stat="/proc/stat"):
+    """(seconds all cores have spent busy since boot, seconds this process has run on them): the
+    first line of /proc/stat (user, nice, system, idle, iowait, irq, softirq, steal, in clock ticks)
+    less idle and iowait, and os.times()."""
+    with open(stat) as f:
+        ticks = [int(v) for v in f.readline().split()[1:9]]
+    own = os.times()
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
 def replace_module(root, name, module):

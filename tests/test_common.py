@@ -36,26 +36,33 @@ def test_cpu_threads_leave_the_cores_busy_now_alone(monkeypatch, tmp_path):
 
 
 def test_threads_follow_the_free_cores_between_steps_and_are_restored_after(monkeypatch):
-    # following_free_cores: the first check sets cpu_threads(); a check within `every` seconds of
-    # the last reads nothing; later ones follow the runnable count down (3 others on 4 cores: 1)
-    # and back up, each change said once; the count from before comes back after; not on a GPU.
+    # following_free_cores on 4 cores: the first check takes cpu_threads() (3 others runnable: 1
+    # thread); a check within `every` seconds of the last reads nothing; later ones take the cores
+    # other processes used since the last decision (the machine's busy seconds less this process's,
+    # over the wall time): 0.2 of a core -> 4 threads, 2.6 -> 1 (rounded: 4 - 3), 1.4 -> 3; each
+    # change said once; the count from before comes back after; nothing on a GPU or under OMP_NUM_THREADS.
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.setattr(common, "TORCH_THREADS", 4)
-    threads, said, clock = [3], [], [0.0]
+    threads, said, clock = [2], [], [0.0]
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads[-1])
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     monkeypatch.setattr(common.time, "monotonic", lambda: clock[0])
-    runnable = iter([1, 4, 1])
-    monkeypatch.setattr(common, "runnable_now", lambda: next(runnable))
+    monkeypatch.setattr(common, "runnable_now", lambda: 4)
+    # (machine busy, own) cumulative seconds at t = 0, 10, 20, 30
+    seconds = {0: (100, 10), 10: (110, 18), 20: (150, 32), 30: (180, 48)}
+    monkeypatch.setattr(common, "busy_cpu_seconds", lambda: seconds[clock[0]])
     with common.following_free_cores("cpu", said.append, every=10) as check:
-        for t in (0, 5, 10, 20):
+        for t in (0, 5, 10, 20, 30):
             clock[0] = t
             check()
-    assert threads == [3, 4, 1, 4, 3] and len(said) == 3 and "1 threads, not 4" in said[1]
+    assert threads == [2, 1, 4, 1, 3, 2] and len(said) == 4 and "1 threads, not 2" in said[0]
     with common.following_free_cores("cuda", said.append) as check:
-        check()  # runnable_now would raise StopIteration: it is not read
-    assert threads[-1] == 3 and len(said) == 3
+        check()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with common.following_free_cores("cpu", said.append) as check:
+        check()
+    assert threads[-1] == 2 and len(said) == 4
 
 
 def test_written_atomically_leaves_the_old_folder_after_a_failure(tmp_path):
