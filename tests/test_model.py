@@ -243,16 +243,17 @@ def test_swiglu_keeps_two_tensors_and_gives_autograds_gradients():
         assert torch.allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_recipes_free_normed_inputs_and_swiglus_product_with_the_same_gradients(monkeypatch, use_dora):
+@pytest.mark.parametrize("use_dora, dtype", [(False, torch.float32), (True, torch.float32),
+                                             (False, torch.bfloat16)])
+def test_recipes_free_normed_inputs_and_swiglus_product_with_the_same_gradients(monkeypatch, use_dora, dtype):
     # Block.forward(recompute=True) keeps the LoRA inputs of q_proj (the normed x), gate_proj (the
     # normed y) and down_proj (SwiGLU's product) as recipes: once the loss is computed nothing holds
     # those tensors, where recompute=False holds all of them; the loss and every adapter gradient are
-    # bit for bit the same (torch.equal, fp32)
+    # bit for bit the same (torch.equal; fp32, and a bf16 base with fp32 adapters as on a GPU)
     results, x = [], torch.randint(0, 128, (2, 12))
     for recompute in (True, False):
         monkeypatch.setattr(Block, "forward", partialmethod(ORIGINAL_BLOCK_FORWARD, recompute=recompute))
-        model = tiny().train()
+        model = tiny().to(dtype).train()
         apply_lora(model, r=4, alpha=8, target_modules="all-linear", use_dora=use_dora, verbose=False)
         randomize_B(model)
         inputs = []
