@@ -403,6 +403,37 @@ def test_offloaded_checkpointing_fits_more_in_the_same_memory(tiny_checkpoint):
     assert all((a - b).abs().max() <= 1e-6 + 1e-2 * a.abs().max() for a, b in zip(grads_on, grads_off))
 
 
+def test_recipes_lower_the_peak_of_a_bf16_step_with_the_same_gradients(tiny_checkpoint):
+    # model.recomputed on the GPU: a step keeping the normed inputs and SwiGLU's product as recipes
+    # peaks lower than one keeping them (Block.forward(recompute=False)), and the adapter gradients
+    # agree within 1% of each one's largest entry (attention's backward may sum in another order).
+    from functools import partialmethod
+
+    from model import Block
+
+    results, forward = {}, Block.forward
+    ckpt = make_tiny_checkpoint(tiny_checkpoint.parent / "wide", num_hidden_layers=8, hidden_size=256,
+                                intermediate_size=1024)
+    ids = torch.randint(0, 128, (2, 2048), device="cuda")
+    try:
+        for recompute in (True, False):
+            Block.forward = partialmethod(forward, recompute=recompute)
+            model = Transformer.from_pretrained(ckpt, dtype=torch.bfloat16, device="cuda")
+            apply_lora(model, r=8, alpha=16, target_modules="all-linear", verbose=False)
+            model.train()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            model.hidden(ids).float().square().mean().backward()
+            results[recompute] = (torch.cuda.max_memory_allocated(),
+                                  [p.grad.float() for p in lora_params(model).values()])
+            del model
+    finally:
+        Block.forward = forward
+    (peak, grads), (peak_kept, grads_kept) = results[True], results[False]
+    assert peak < peak_kept, (peak, peak_kept)
+    assert all((a - b).abs().max() <= 1e-6 + 1e-2 * a.abs().max() for a, b in zip(grads, grads_kept))
+
+
 def test_peak_memory_of_a_step_is_within_the_estimate(small_checkpoint, tmp_path):
     # --estimate_memory's total for a small QLoRA run bounds the measured peak allocated memory of
     # its training steps (after loading: the peak statistics reset once the model is built), +15%.
