@@ -112,7 +112,7 @@ def rotate_half(x):
 def apply_rope(x, cos, sin):
     # x: (B, H, T, D), cos/sin: (B, 1, T, D). Hugging Face's rotate-half layout: dimension i is
     # paired with i + D/2, so checkpoint q/k weights load with no permutation.
-    return x * cos + rotate_half(x) * sin
+    return (x * cos).add_(rotate_half(x).mul_(sin))  # in place: two temporaries, not four, same numbers
 
 
 class RMSNorm(nn.Module):
@@ -214,7 +214,7 @@ class SwiGLU(torch.autograd.Function):
     def backward(ctx, grad):
         g, u = ctx.saved_tensors
         # d/du = silu(g);  d/dg = u * silu'(g) = u * s (1 + g (1 - s)), s = sigmoid(g)
-        return torch.ops.aten.silu_backward(grad * u, g), grad * F.silu(g)
+        return torch.ops.aten.silu_backward(grad * u, g), F.silu(g).mul_(grad)  # in place: one temporary less
 
 
 @contextmanager
