@@ -69,6 +69,11 @@ def cpu_threads():
         busy = runnable_now() - 1  # less this process's own thread
     except (OSError, ValueError, IndexError):
         return TORCH_THREADS
+    return threads_beside(busy)
+
+
+def threads_beside(busy):
+    """torch's default, or fewer: the cores that `busy` cores' worth of other processes leave, at least 1."""
     return max(1, min(TORCH_THREADS, (os.cpu_count() or 1) - busy))
 
 
@@ -98,7 +103,7 @@ def following_free_cores(device, say=print, every=10.0):
             new = cpu_threads()
         else:
             others = ((now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0])  # cores' worth
-            new = max(1, min(TORCH_THREADS, (os.cpu_count() or 1) - round(others)))
+            new = threads_beside(round(others))
         last, old = now, torch.get_num_threads()
         if new != old:
             say(f"cpu: {new} threads, not {old}: the cores other processes leave free; "

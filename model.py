@@ -238,8 +238,8 @@ def recomputed(t, fn, enabled=True):
     def unpack(packed):
         if isinstance(packed, torch.Tensor):
             return packed
-        fn, size, stride, offset = packed
-        return fn().as_strided(size, stride, offset)
+        recipe, size, stride, offset = packed
+        return recipe().as_strided(size, stride, offset)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
