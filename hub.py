@@ -18,7 +18,8 @@ import urllib.request
 from pathlib import Path
 
 from common import CheckpointError, InputError
-from model import Config, weight_files
+from model import Config
+from weights import weight_files
 
 # The model every script uses when no --model_path is given: small enough to train on a CPU.
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"

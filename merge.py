@@ -15,7 +15,7 @@ weights are written as safetensors, sharded with an index past --max_shard_size.
 Ollama's ADAPTER; gguf_lora.py), the base as base-TYPE.gguf (--gguf's type if given) and a Modelfile.
 
 Merging is a function over tensors, streamed: no model is built. Each tensor of the base is read
-alone (memory-mapped), merged with lora.lora_delta and dora.dora_weight (the math of
+alone (memory-mapped, weights.py), merged with lora.lora_delta and dora.dora_weight (the math of
 LoRALayer.merge, so the bytes are those merge_lora gives) and written into its shard at once;
 the GGUF file is then written from the merged shards the same way. Memory holds a tensor or two,
 never the model: a 70B base merges with a few GB of RAM, not 140 (docs/export.md, measured by
@@ -24,39 +24,27 @@ tests/bench_merge.py).
 import argparse
 import json
 import shutil
-import struct
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from tqdm import tqdm
 
-from common import CheckpointError, InputError, exit_on_input_error, written_atomically
+from common import InputError, exit_on_input_error, written_atomically
 from dora import DoRAEmbedding, DoRALinear, dora_weight
 import gguf_export
 import gguf_lora
 from hub import resolve_checkpoint, same_checkpoint
 from lora import lora_delta
-from model import Config, Transformer, check_keys, weight_files
+from model import Config, Transformer
 from peft_format import PEFT_PREFIX, check_adapter_folder, match_adapter, read_adapter, settings_of
+from weights import checked_shapes, read_tensor, stored_dtype, weight_files, write_safetensors
 
 # what a merged folder keeps besides the weights: tokenizer.model holds SentencePiece's pieces,
 # chat_template.jinja newer repos' template
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
           "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def checkpoint_dtype(path):
-    """The dtype the base stores its weights in (merged weights keep it)."""
-    files = weight_files(path)
-    key = next(iter(files))
-    with safe_open(path / files[key], framework="pt") as f:
-        stored = f.get_slice(key).get_dtype()  # "BF16", read from the header alone
-    return {v: k for k, v in SAFETENSORS_DTYPES.items()}.get(stored, torch.float32)
 
 
 def parse_size(text):
@@ -64,36 +52,6 @@ def parse_size(text):
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
     unit = text[-2:].upper()
     return int(float(text[:-2]) * units[unit]) if unit in units else int(text)
-
-
-# ---- reading, one tensor at a time ---------------------------------------------------------------
-
-def read_tensor(file, key):
-    """One tensor of a safetensors file, the file opened for it alone. The file is memory-mapped and
-    unmapped again once the tensor is freed: a handle held open over a whole file would keep every
-    page it has read resident, the whole checkpoint by the end."""
-    with safe_open(file, framework="pt") as f:
-        return f.get_tensor(key)
-
-
-def checked_base(path, model):
-    """{key: (file, shape)} of the base checkpoint in `model`'s order, after checking, as
-    Transformer.from_pretrained does, that it holds exactly the model's tensors with their shapes,
-    from the files' headers alone (model: on the meta device)."""
-    files = weight_files(path)
-    expected = {k: tuple(t.shape) for k, t in model.checkpoint_state_dict().items()}
-    check_keys(path, files, expected, model.config.tie_word_embeddings)
-    shapes = {}
-    for file in sorted({files[k] for k in expected}):
-        try:
-            with safe_open(path / file, framework="pt") as f:
-                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k in expected})
-        except Exception as e:
-            raise CheckpointError(f"{path / file}: not a readable safetensors file ({e})") from None
-    for k, shape in expected.items():
-        if shapes[k] != shape:
-            raise CheckpointError(f"{path / files[k]}: {k} has shape {shapes[k]}, expected {shape}")
-    return {k: (path / files[k], shape) for k, shape in expected.items()}
 
 
 def merged_weight(w, tensors, scaling):
@@ -105,55 +63,6 @@ def merged_weight(w, tensors, scaling):
     norm_dim = (DoRAEmbedding if "lora_embedding_A" in tensors else DoRALinear).norm_dim
     return dora_weight(v, tensors["lora_magnitude_vector"], norm_dim)[0]
 
-
-# ---- writing, one tensor at a time ---------------------------------------------------------------
-
-def write_safetensors(shapes, dtype, tensor, out, max_shard_size):
-    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json, for
-    {key: shape} (in checkpoint order, all of `dtype`); tensor(key) gives each when its turn comes.
-    A shard ends before the tensor that would take it past max_shard_size bytes."""
-    size = lambda k: torch.Size(shapes[k]).numel() * dtype.itemsize  # noqa: E731
-    shards, current, total = [], [], 0
-    for k in shapes:
-        if current and total + size(k) > max_shard_size:
-            shards.append(current)
-            current, total = [], 0
-        current.append(k)
-        total += size(k)
-    shards.append(current)
-    if len(shards) == 1:
-        write_shard(out / "model.safetensors", {k: shapes[k] for k in shards[0]}, dtype, tensor)
-        return
-    weight_map = {}
-    for i, keys in enumerate(tqdm(shards, desc="writing shards", leave=False)):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_shard(out / name, {k: shapes[k] for k in keys}, dtype, tensor)
-        weight_map.update(dict.fromkeys(keys, name))
-    index = {"metadata": {"total_size": sum(map(size, shapes))}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def write_shard(file, shapes, dtype, tensor):
-    """One safetensors file, byte for byte what safetensors' save_file writes for these tensors
-    (tests/test_workflow.py), a tensor at a time: u64 header length, the JSON header (metadata,
-    then each tensor's dtype, shape and byte range, by name), padded with spaces to 8 bytes, then
-    the tensors' bytes in the header's order."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for k in sorted(shapes):  # save_file's order (by dtype, then name): here one dtype
-        n = torch.Size(shapes[k]).numel() * dtype.itemsize
-        header[k] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shapes[k]), "data_offsets": [offset, offset + n]}
-        offset += n
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for k in sorted(shapes):
-            t = tensor(k)
-            assert t.dtype == dtype and tuple(t.shape) == tuple(shapes[k]), k
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-# ---- the merge -----------------------------------------------------------------------------------
 
 def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 10**9, dtype=None, gguf=None,
           gguf_adapter=None):
@@ -173,11 +82,12 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
     if gguf or gguf_adapter:  # an unsupported family fails here, before any work
         gguf = gguf or gguf_adapter  # with --gguf_adapter: the base's type
         gguf_kv = gguf_export.metadata(path, gguf)
-    dtype = dtype or checkpoint_dtype(path)
+    dtype = dtype or stored_dtype(path)
     config = Config.from_json(path / "config.json")
     with torch.device("meta"):
         model = Transformer(config)  # the names and shapes to check against: no memory
-    base = checked_base(path, model)
+    expected = {k: tuple(t.shape) for k, t in model.checkpoint_state_dict().items()}
+    base = checked_shapes(path, expected, config.tie_word_embeddings)  # from the headers: nothing read yet
     tied = config.tie_word_embeddings
 
     def read_base(key):  # in the stored dtype; a tied lm_head.weight is the embedding table

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common import CheckpointError, replace_module
 from quant import NF4Linear, is_nf4_target
+from weights import check_keys, read_tensor, weight_files
 
 
 @dataclass
@@ -415,10 +416,7 @@ def open_checkpoint(path, dtype, device):
     """(config, model, read) for a checkpoint folder: its Config, a Transformer of it on the meta
     device (no memory), and read(key, shape), one tensor from its safetensors file in `dtype` on
     `device`, its shape checked. Every key is checked before anything is read: a missing or an
-    unexpected tensor is named. The file is opened per tensor, so its memory map, and the pages
-    read through it, go with the tensor (a long-lived handle would keep every page read so far)."""
-    from safetensors import safe_open
-
+    unexpected tensor is named."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
@@ -429,46 +427,6 @@ def open_checkpoint(path, dtype, device):
     check_keys(path, files, set(model.state_dict()), config.tie_word_embeddings)
 
     def read(key, shape):
-        try:
-            with safe_open(path / files[key], framework="pt", device="cpu") as f:
-                t = f.get_tensor(key)
-        except Exception as e:  # safetensors raises its own error types for a damaged file
-            raise CheckpointError(f"{path / files[key]}: not a readable safetensors file ({e})") from None
-        if tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{path / files[key]}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        return t.to(device=device, dtype=dtype)
+        return read_tensor(path / files[key], key, shape).to(device=device, dtype=dtype)
 
     return config, model, read
-
-
-def check_keys(path, files, expected, tied):
-    """The checkpoint's tensor keys (files: {key: file}) are exactly `expected`, or the first
-    missing or unexpected one is named. A tied lm_head is not expected (some tied checkpoints store
-    it anyway), nor rotary tables older checkpoints kept."""
-    tied = {"lm_head.weight"} if tied else set()
-    expected, found = set(expected) - tied, {k for k in files if not k.endswith("rotary_emb.inv_freq")} - tied
-    for what, keys in (("missing", sorted(expected - found)), ("unexpected", sorted(found - expected))):
-        if keys:
-            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise CheckpointError(f"{path}: {what} tensor {keys[0]}{more}")
-
-
-def weight_files(path):
-    """{tensor key: safetensors file name} for a single-file or sharded checkpoint."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            return dict(json.loads(index.read_text())["weight_map"])
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid index ({e})") from None
-    single = path / "model.safetensors"
-    if not single.exists():
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                              "(only safetensors checkpoints are loaded, never pickles)")
-    from safetensors import safe_open
-    try:
-        with safe_open(single, framework="pt", device="cpu") as f:
-            return {k: "model.safetensors" for k in f.keys()}
-    except Exception as e:
-        raise CheckpointError(f"{single}: not a readable safetensors file ({e})") from None

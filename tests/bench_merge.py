@@ -86,12 +86,13 @@ def child(what, base, adapter, out):
     from adapters import merge_and_unload
     from peft_format import load_adapter
     from model import Transformer
+    from weights import stored_dtype
 
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     before = resident("VmRSS:")
     if what == "in a model":
-        model = Transformer.from_pretrained(base, dtype=merge.checkpoint_dtype(Path(base)))
+        model = Transformer.from_pretrained(base, dtype=stored_dtype(base))
         load_adapter(model, adapter)
         merge_and_unload(model)
         Path(out).mkdir(exist_ok=True)

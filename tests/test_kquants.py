@@ -23,7 +23,8 @@ import gguf_export
 from helpers import ROOT, SMOLLM2_TOKENIZER, write_sentencepiece_tokenizer
 import kquants
 import merge
-from model import Config, Transformer, weight_files
+from model import Config, Transformer
+from weights import opened, read_tensor, weight_files
 
 gguf = pytest.importorskip("gguf")  # the reference reader and dequantizer (test-only)
 
@@ -101,9 +102,9 @@ def export(path, ftype, out):
     files = weight_files(path)
     shapes = {}
     for key, file in files.items():
-        with merge.safe_open(path / file, framework="pt") as f:
+        with opened(path / file) as f:
             shapes[key] = tuple(f.get_slice(key).get_shape())
-    entries = gguf_export.tensors(shapes, lambda key: merge.read_tensor(path / files[key], key),
+    entries = gguf_export.tensors(shapes, lambda key: read_tensor(path / files[key], key),
                                   Config.from_json(path / "config.json"), ftype)
     gguf_export.write(out, gguf_export.metadata(path, ftype), entries)
     return out

@@ -12,10 +12,11 @@ from common import InputError
 from config import TrainConfig
 from generate import load
 from helpers import ROOT, chat, random_adapter, tiny_config, write_checkpoint, write_jsonl
-from merge import checkpoint_dtype, merge
+from merge import merge
 from model import Transformer
 from peft_format import load_adapter, save_adapter
 import train
+from weights import stored_dtype
 
 QUESTION = "What is the capital of Brannock?"
 
@@ -130,7 +131,7 @@ def test_adapter_of_a_tied_lm_head_merges_untied(tmp_path, capsys):
 def merged_in_a_model(base, adapter, dtype=None):
     """The reference merge.py streams: the base as a model, the adapter merged into it
     (merge_and_unload), its tensors as a Hugging Face checkpoint stores them."""
-    model = Transformer.from_pretrained(base, dtype=dtype or checkpoint_dtype(base))
+    model = Transformer.from_pretrained(base, dtype=dtype or stored_dtype(base))
     load_adapter(model, adapter)
     return merge_and_unload(model).checkpoint_state_dict()
 
