@@ -50,7 +50,7 @@ import gguf_sentencepiece
 import kquants
 from common import CheckpointError
 from model import Config
-from tokenizer import END_OF_TURN, MISTRAL, Tokenizer, read_json, stored_chat_template, token_content
+from tokenizer import END_OF_TURN, Tokenizer, read_json, stored_chat_template, token_content
 
 # model_type -> (GGUF architecture, q/k rows permuted for llama.cpp's rope). One line per family.
 ARCHS = {
@@ -396,55 +396,3 @@ def write_tensor(f, w, ggml_type, chunk=1 << 20):
     for part in rows.split(max(1, chunk // rows.shape[1])):
         f.write(encode(part, ggml_type))
     f.write(b"\0" * _pad(nbytes(w.shape, ggml_type)))
-
-
-# ---- Ollama ----------------------------------------------------------------------------------
-
-def ollama_template(tok):
-    """The chat format nanolora trains with (tokenizer.render_chat), as an Ollama Go template:
-    .System is the chat's system prompt or the Modelfile's SYSTEM, .Messages the turns."""
-    if tok.template in ("chatml", "qwen3"):  # Ollama keeps Qwen3's reasoning out of .Content itself
-        return ('{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-                '{{- range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n'
-                '{{ .Content }}<|im_end|>\n{{ end }}{{ end }}<|im_start|>assistant\n')
-    if tok.template == "llama3":  # BOS is not in the template: the GGUF says add_bos
-        system = "<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>"
-        if tok.system_date:  # Llama 3.1+: a system header with the date, always
-            system = system.replace("{{ .System }}", "Cutting Knowledge Date: December 2023\n"
-                                    f"Today Date: {tok.system_date}\n\n{{{{ .System }}}}")
-        else:
-            system = "{{- if .System }}" + system + "{{ end }}"
-        return (system + '{{- range .Messages }}{{ if ne .Role "system" }}<|start_header_id|>{{ .Role }}'
-                '<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}{{ end }}'
-                '<|start_header_id|>assistant<|end_header_id|>\n\n')
-    # Llama 2 and Mistral 7B: BOS only before later user turns (Llama 2's), the first comes from
-    # add_bos. Their templates strip each message (Llama 2) or each reply (v0.3): Ollama's Go
-    # template has no function for it, so a message sent with spaces around it keeps them.
-    first, eos = '{{- $first := true }}{{- range .Messages }}', tok.eos_text
-    if tok.template == "llama2":
-        return (first + '{{- if eq .Role "user" }}{{ if not $first }}' + tok.bos_text + '{{ end }}[INST] '
-                '{{ if and $first $.System }}<<SYS>>\n{{ $.System }}\n<</SYS>>\n\n{{ end }}{{ .Content }} [/INST]'
-                '{{ $first = false }}{{ else if eq .Role "assistant" }} {{ .Content }} ' + eos + '{{ end }}{{ end }}')
-    if tok.template in MISTRAL:
-        inst, close, reply = MISTRAL[tok.template]
-        if tok.template == "mistral_v3":  # the system prompt in the last message if it is the user's (loop.last)
-            first, here, seen = "{{- range $i, $_ := .Messages }}", "(eq (len (slice $.Messages $i)) 1)", ""
-        else:  # in the first user turn
-            here, seen = "$first", "{{ $first = false }}"
-        return (first + '{{- if eq .Role "user" }}' + inst + '{{ if and ' + here + ' $.System }}{{ $.System }}\n\n'
-                '{{ end }}{{ .Content }}' + close + seen + '{{ else if eq .Role "assistant" }}' + reply
-                + '{{ .Content }}' + eos + '{{ end }}{{ end }}')
-    return None
-
-
-def modelfile(gguf_file, path):
-    """An Ollama Modelfile: the GGUF, the chat template, the template's default system prompt,
-    and a stop for every token that ends a reply."""
-    tok = Tokenizer(path)
-    lines = [f"FROM ./{gguf_file}"]
-    if template := ollama_template(tok):
-        lines.append(f'TEMPLATE """{template}"""')
-    if tok.default_system:
-        lines.append(f'SYSTEM """{tok.default_system}"""')
-    lines += [f'PARAMETER stop "{tok.tok.id_to_token(i)}"' for i in sorted(tok.eos_ids)]
-    return "\n".join(lines) + "\n"

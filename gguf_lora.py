@@ -70,10 +70,3 @@ def tensors(layers, c, ftype):
             ggml_type = gguf_export.ggml_type(base + suffix, w.shape, ftype, c, tied=False)
             out.append((base + suffix, tuple(w.shape), ggml_type, lambda w=w: w))
     return out
-
-
-def modelfile(base_file, adapter_file, path):
-    """The Ollama Modelfile of the base's GGUF with the adapter on it (and the base's chat format)."""
-    text = gguf_export.modelfile(base_file, path)
-    first, rest = text.split("\n", 1)
-    return f"{first}\nADAPTER ./{adapter_file}\n{rest}"

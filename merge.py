@@ -10,7 +10,7 @@ lm_head or embedding table that the base ties together unties them: lm_head.weig
 and the one not adapted is kept.
 config.json (tie_word_embeddings: false then), tokenizer and generation files are copied;
 weights are written as safetensors, sharded with an index past --max_shard_size.
---gguf TYPE also writes model-TYPE.gguf for llama.cpp and an Ollama Modelfile (gguf_export.py).
+--gguf TYPE also writes model-TYPE.gguf for llama.cpp (gguf_export.py) and an Ollama Modelfile (ollama.py).
 --gguf_adapter TYPE merges nothing: it writes the adapter as adapter-TYPE.gguf (llama.cpp's --lora,
 Ollama's ADAPTER; gguf_lora.py), the base as base-TYPE.gguf (--gguf's type if given) and a Modelfile.
 
@@ -37,6 +37,7 @@ import gguf_lora
 from hub import resolve_checkpoint, same_checkpoint
 from lora import lora_delta
 from model import Config, Transformer
+import ollama
 from peft_format import PEFT_PREFIX, check_adapter_folder, match_adapter, read_adapter, settings_of
 from weights import checked_shapes, read_tensor, stored_dtype, weight_files, write_safetensors
 
@@ -135,7 +136,7 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
             entries = gguf_export.tensors(shapes, lambda key: read_tensor(tmp / merged[key], key), config, gguf)
             name = f"model-{gguf}.gguf"
             gguf_export.write(tmp / name, gguf_kv, entries)
-            (tmp / "Modelfile").write_text(gguf_export.modelfile(name, path))
+            (tmp / "Modelfile").write_text(ollama.modelfile(name, path))
             print(f"{out / name} written for llama.cpp; {out / 'Modelfile'} for Ollama: "
                   f"ollama create NAME -f {out / 'Modelfile'}")
     n = sum(1 for k in shapes if k.endswith(".weight"))
@@ -152,7 +153,7 @@ def write_gguf_adapter(out, path, config, adapter_path, layers, settings, ftype,
         gguf_export.write(tmp / names[0], base_kv, base_tensors)
         gguf_export.write(tmp / names[1], gguf_lora.metadata(adapter_path, config, settings),
                           gguf_lora.tensors(layers, config, ftype))
-        (tmp / "Modelfile").write_text(gguf_lora.modelfile(*names, path))
+        (tmp / "Modelfile").write_text(ollama.modelfile(names[0], path, adapter_file=names[1]))
     print(f"{out / names[1]} written for llama.cpp's --lora on {out / names[0]}; {out / 'Modelfile'} for Ollama: "
           f"ollama create NAME -f {out / 'Modelfile'}")
     return out

@@ -24,6 +24,7 @@ import gguf_export
 from helpers import ROOT, random_adapter, tiny_checkpoint, unpermute
 import merge
 from model import Config
+import ollama
 
 gguf = pytest.importorskip("gguf")  # the reference reader (test-only)
 
@@ -127,7 +128,7 @@ def test_folder_base_gguf_and_modelfile(cases, tmp_path):
                       gguf_export.tensors({k: tuple(t.shape) for k, t in state.items()}, state.__getitem__,
                                           Config.from_json(base / "config.json"), "q8_0"))
     assert (out / "base-q8_0.gguf").read_bytes() == (tmp_path / "expected.gguf").read_bytes()
-    merged = gguf_export.modelfile("base-q8_0.gguf", base).split("\n")
+    merged = ollama.modelfile("base-q8_0.gguf", base).split("\n")
     assert (out / "Modelfile").read_text().split("\n") == [merged[0], "ADAPTER ./adapter-f16.gguf", *merged[1:]]
 
 
