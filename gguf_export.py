@@ -115,29 +115,7 @@ def tokenizer_kv(path, vocab_size, arch):
     kv = {}
     if arch == "llama" and isinstance(cfg.get("add_prefix_space"), bool):
         kv["tokenizer.ggml.add_space_prefix"] = (BOOL, cfg["add_prefix_space"])
-    if arch == "llama" and (path / "tokenizer.model").exists():  # SentencePiece, as the converter decides it
-        tokens, scores, types = gguf_sentencepiece.vocab(path, vocab_size, lambda a: token_and_type(None, None, a))
-        kv["tokenizer.ggml.model"] = (STRING, "llama")  # llama.cpp's SentencePiece tokenizer
-        kv["tokenizer.ggml.pre"] = (STRING, "default")
-        kv["tokenizer.ggml.tokens"] = (ARRAY, (STRING, tokens))
-        kv["tokenizer.ggml.scores"] = (ARRAY, (FLOAT32, scores))
-        kv["tokenizer.ggml.token_type"] = (ARRAY, (INT32, types))
-    else:
-        if tok_json["model"].get("byte_fallback") or (tok_json.get("pre_tokenizer") or {}).get("type") == "Metaspace":
-            raise CheckpointError(f"{path / 'tokenizer.model'}: missing; a SentencePiece tokenizer's GGUF export "
-                                  "reads its pieces' scores and types from it (Llama 2, Mistral ship one)")
-        pre = pre_tokenizer(tokenizer.tok, path)
-        vocab = {i: t for t, i in tok_json["model"]["vocab"].items()}
-        added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
-        tokens = [token_and_type(i, vocab.get(i), added.get(i)) for i in range(vocab_size)]
-        merges = tok_json["model"]["merges"]
-        if merges and not isinstance(merges[0], str):  # [["Ġ", "t"], ...] since tokenizers 0.20
-            merges = [" ".join(p.replace(" ", "\u0120") for p in pair) for pair in merges]
-        kv["tokenizer.ggml.model"] = (STRING, "gpt2")  # llama.cpp's name for byte-level BPE
-        kv["tokenizer.ggml.pre"] = (STRING, pre)
-        kv["tokenizer.ggml.tokens"] = (ARRAY, (STRING, [t for t, _ in tokens]))
-        kv["tokenizer.ggml.token_type"] = (ARRAY, (INT32, [k for _, k in tokens]))
-        kv["tokenizer.ggml.merges"] = (ARRAY, (STRING, merges))
+    kv.update(vocabulary_kv(path, tokenizer, tok_json, vocab_size, arch))
     # special ids: tokenizer_config's tokens first, then config.json's *_token_id for the rest
     content = {a["content"]: a["id"] for a in reversed(tok_json.get("added_tokens", []))}  # first wins
     special = {}
@@ -166,6 +144,36 @@ def tokenizer_kv(path, vocab_size, arch):
     eot = END_OF_TURN.get(tokenizer.template)
     if eot in content:
         kv["tokenizer.ggml.eot_token_id"] = (UINT32, content[eot])
+    return kv
+
+
+def vocabulary_kv(path, tokenizer, tok_json, vocab_size, arch):
+    """The tokenizer's model, pre-tokenizer, tokens, their types and its merges (scores instead, for
+    SentencePiece), as the converter writes them."""
+    kv = {}
+    if arch == "llama" and (path / "tokenizer.model").exists():  # SentencePiece, as the converter decides it
+        tokens, scores, types = gguf_sentencepiece.vocab(path, vocab_size, lambda a: token_and_type(None, None, a))
+        kv["tokenizer.ggml.model"] = (STRING, "llama")  # llama.cpp's SentencePiece tokenizer
+        kv["tokenizer.ggml.pre"] = (STRING, "default")
+        kv["tokenizer.ggml.tokens"] = (ARRAY, (STRING, tokens))
+        kv["tokenizer.ggml.scores"] = (ARRAY, (FLOAT32, scores))
+        kv["tokenizer.ggml.token_type"] = (ARRAY, (INT32, types))
+    else:
+        if tok_json["model"].get("byte_fallback") or (tok_json.get("pre_tokenizer") or {}).get("type") == "Metaspace":
+            raise CheckpointError(f"{path / 'tokenizer.model'}: missing; a SentencePiece tokenizer's GGUF export "
+                                  "reads its pieces' scores and types from it (Llama 2, Mistral ship one)")
+        pre = pre_tokenizer(tokenizer.tok, path)
+        vocab = {i: t for t, i in tok_json["model"]["vocab"].items()}
+        added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
+        tokens = [token_and_type(i, vocab.get(i), added.get(i)) for i in range(vocab_size)]
+        merges = tok_json["model"]["merges"]
+        if merges and not isinstance(merges[0], str):  # [["Ġ", "t"], ...] since tokenizers 0.20
+            merges = [" ".join(p.replace(" ", "\u0120") for p in pair) for pair in merges]
+        kv["tokenizer.ggml.model"] = (STRING, "gpt2")  # llama.cpp's name for byte-level BPE
+        kv["tokenizer.ggml.pre"] = (STRING, pre)
+        kv["tokenizer.ggml.tokens"] = (ARRAY, (STRING, [t for t, _ in tokens]))
+        kv["tokenizer.ggml.token_type"] = (ARRAY, (INT32, [k for _, k in tokens]))
+        kv["tokenizer.ggml.merges"] = (ARRAY, (STRING, merges))
     return kv
 
 

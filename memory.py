@@ -101,26 +101,13 @@ def estimate(config, *, quantize=False, dtype=torch.bfloat16, lora_r=16, target_
     r["activations (checkpointing)"] = c.num_hidden_layers * tokens * c.hidden_size * b + recomputed_block + outside
 
     # transients: a dequantized weight (forward and backward of an NF4 layer), the loss (logits
-    # in the compute dtype and in fp32), and under FSDP what is gathered whole: the root unit
-    # (the final norm; with tied embeddings, the one table too) for the whole step, a block's
-    # all-gather buffer and its parameters and the next block, prefetched; untied, lm_head while
-    # the loss runs and the embeddings while they look up (fsdp.shard_root)
+    # in the compute dtype and in fp32), and under FSDP what is gathered whole beside them
     biggest = max((m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear)), default=0)
     dequant = biggest * b
     rows = min(tokens, LOSS_CHUNK) if fused_loss else tokens
     loss = rows * c.vocab_size * (b + 4 + (0 if fused_loss else 4))  # (+ the softmax when not fused)
     if world > 1:
-        gathered = lambda m: sum(p.numel() * p.element_size() - shard_bytes(p, world) for p in m.parameters())
-        units = {} if c.tie_word_embeddings else {"embeddings": model.model.embed_tokens, "lm_head": model.lm_head}
-        root = gathered(model) - gathered(model.model.layers) - sum(gathered(m) for m in units.values())
-        block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
-        # the block computing, the next one's all-gather input, output, and parameters copied out
-        block = 3 * block + block // world
-        head, embed = (gathered(units[k]) if units else 0 for k in ("lm_head", "embeddings"))
-        r["transient"], r["transient is"] = max(
-            (root + block + dequant, "gathered root and blocks"),
-            (root + head + loss, "gathered root, lm_head + loss" if units else "gathered root + loss"),
-            (root + embed, "gathered root and embeddings"))
+        r["transient"], r["transient is"] = fsdp_transient(model, world, dequant, loss)
     else:
         r["transient"] = max(dequant, loss)
         r["transient is"] = "dequantized weight" if dequant >= loss else ("loss chunk" if fused_loss else "logits")
@@ -131,6 +118,24 @@ def estimate(config, *, quantize=False, dtype=torch.bfloat16, lora_r=16, target_
     r["host"] = weights if cpu_offload else 0
     r["total"] = (0 if cpu_offload else weights) + acts + r["transient"]
     return r
+
+
+def fsdp_transient(model, world, dequant, loss):
+    """(bytes, what) of the most that FSDP holds gathered whole at once, with what runs beside it:
+    the root unit (the final norm; with tied embeddings, the one table too) for the whole step; a
+    block's all-gather buffer and its parameters and the next block, prefetched; untied, lm_head
+    while the loss runs and the embeddings while they look up (fsdp.shard_root)."""
+    gathered = lambda m: sum(p.numel() * p.element_size() - shard_bytes(p, world) for p in m.parameters())
+    tied = model.config.tie_word_embeddings
+    units = {} if tied else {"embeddings": model.model.embed_tokens, "lm_head": model.lm_head}
+    root = gathered(model) - gathered(model.model.layers) - sum(gathered(m) for m in units.values())
+    block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    # the block computing, the next one's all-gather input, output, and parameters copied out
+    block = 3 * block + block // world
+    head, embed = (gathered(units[k]) if units else 0 for k in ("lm_head", "embeddings"))
+    return max((root + block + dequant, "gathered root and blocks"),
+               (root + head + loss, "gathered root, lm_head + loss" if units else "gathered root + loss"),
+               (root + embed, "gathered root and embeddings"))
 
 
 def estimate_for_run(cfg):

@@ -65,15 +65,52 @@ def merged_weight(w, tensors, scaling):
     return dora_weight(v, tensors["lora_magnitude_vector"], norm_dim)[0]
 
 
-def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 10**9, dtype=None, gguf=None,
-          gguf_adapter=None):
-    out = Path(output_dir)
+def open_base(path):
+    """(config, model on the meta device, {key: shape}, read(key)) of base folder `path`, every key and
+    shape checked from the files' headers as Transformer.from_pretrained checks them, nothing read yet.
+    read gives one tensor in its stored dtype; a tied lm_head.weight is the embedding table."""
+    config = Config.from_json(path / "config.json")
+    with torch.device("meta"):
+        model = Transformer(config)  # the names and shapes to check against: no memory
+    shapes = {k: tuple(t.shape) for k, t in model.checkpoint_state_dict().items()}
+    base = checked_shapes(path, shapes, config.tie_word_embeddings)
+
+    def read(key):
+        key = "model.embed_tokens.weight" if config.tie_word_embeddings and key == "lm_head.weight" else key
+        return read_tensor(base[key][0], key)
+    return config, model, shapes, read
+
+
+def check_flags(out, force, gguf, gguf_adapter):
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise InputError(f"--output_dir {out} is not empty; pass --force to replace it")
     if gguf and gguf not in gguf_export.FILE_TYPES:
         raise InputError(f"--gguf {gguf}: not a GGUF type this export writes ({', '.join(gguf_export.FILE_TYPES)})")
     if gguf_adapter and gguf_adapter not in gguf_lora.TYPES:
         raise InputError(f"--gguf_adapter {gguf_adapter}: not a GGUF adapter type ({', '.join(gguf_lora.TYPES)})")
+
+
+def read_matched_adapter(adapter_path, model, read_base, dtype, model_path):
+    """(adapter_config, {layer name: its adapter tensors}) of the adapter folder, refused in one line if
+    it does not fit the base (model: on the meta device); a warning if it was trained on another base."""
+    adapter_config, saved = read_adapter(adapter_path)
+    for key in saved:  # PEFT saves a base table beside an adapter of it: checked against the real one
+        if key.endswith(".base_layer.weight"):
+            name = key.removeprefix(PEFT_PREFIX).removesuffix(".base_layer.weight")
+            model.get_submodule(name).weight = nn.Parameter(read_base(name + ".weight").to(dtype), requires_grad=False)
+    layers = match_adapter(model, adapter_path, adapter_config, saved)
+    if (trained_on := adapter_config.get("base_model_name_or_path")) and not same_checkpoint(trained_on, model_path):
+        print(f"merge.py: warning: {adapter_path} was trained on {trained_on}, not on {model_path} "
+              "(fine if it is the same model at another path)", file=sys.stderr)
+    return adapter_config, layers
+
+
+def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 10**9, dtype=None, gguf=None,
+          gguf_adapter=None):
+    """The merged folder at output_dir, and the GGUF files asked for (flags as main's); returns its
+    Path. Flags, paths, the base and the adapter are checked (one line each) before anything is written."""
+    out = Path(output_dir)
+    check_flags(out, force, gguf, gguf_adapter)
     check_adapter_folder(adapter_path)  # every path before the base loads (or downloads)
     path = resolve_checkpoint(model_path)
     adapter_path = Path(adapter_path)
@@ -84,32 +121,14 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
         gguf = gguf or gguf_adapter  # with --gguf_adapter: the base's type
         gguf_kv = gguf_export.metadata(path, gguf)
     dtype = dtype or stored_dtype(path)
-    config = Config.from_json(path / "config.json")
-    with torch.device("meta"):
-        model = Transformer(config)  # the names and shapes to check against: no memory
-    expected = {k: tuple(t.shape) for k, t in model.checkpoint_state_dict().items()}
-    base = checked_shapes(path, expected, config.tie_word_embeddings)  # from the headers: nothing read yet
-    tied = config.tie_word_embeddings
+    config, model, shapes, read_base = open_base(path)
 
-    def read_base(key):  # in the stored dtype; a tied lm_head.weight is the embedding table
-        key = "model.embed_tokens.weight" if tied and key == "lm_head.weight" else key
-        return read_tensor(base[key][0], key)
-
-    adapter_config, saved = read_adapter(adapter_path)
-    for key in saved:  # PEFT saves a base table beside an adapter of it: checked against the real one
-        if key.endswith(".base_layer.weight"):
-            name = key.removeprefix(PEFT_PREFIX).removesuffix(".base_layer.weight")
-            model.get_submodule(name).weight = nn.Parameter(read_base(name + ".weight").to(dtype), requires_grad=False)
-    layers = match_adapter(model, adapter_path, adapter_config, saved)  # refuses an adapter that does not fit this base
-    if (trained_on := adapter_config.get("base_model_name_or_path")) and not same_checkpoint(trained_on, model_path):
-        print(f"merge.py: warning: {adapter_path} was trained on {trained_on}, not on {model_path} "
-              "(fine if it is the same model at another path)", file=sys.stderr)
-    shapes = {k: shape for k, (_, shape) in base.items()}
+    adapter_config, layers = read_matched_adapter(adapter_path, model, read_base, dtype, model_path)
     if gguf_adapter:
-        gguf_lora.check(adapter_path, adapter_config, tied, layers)
+        gguf_lora.check(adapter_path, adapter_config, config.tie_word_embeddings, layers)
         return write_gguf_adapter(out, path, config, adapter_path, layers, settings_of(adapter_config), gguf_adapter,
                                   (gguf, gguf_kv, gguf_export.tensors(shapes, read_base, config, gguf)))
-    untie = tied and bool({"lm_head", "model.embed_tokens"} & layers.keys())
+    untie = config.tie_word_embeddings and bool({"lm_head", "model.embed_tokens"} & layers.keys())
     if untie:  # lm_head gets its own copy of the table (as merge_lora's untie_lm_head), the last key
         shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
     scaling = settings_of(adapter_config).scaling
@@ -131,17 +150,24 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
             raw = {**json.loads((path / "config.json").read_text()), "tie_word_embeddings": False}
             (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
             print("the merged checkpoint has its own lm_head.weight: config.json says tie_word_embeddings: false")
-        if gguf:  # from the merged shards just written, a tensor at a time
-            merged = weight_files(tmp)
-            entries = gguf_export.tensors(shapes, lambda key: read_tensor(tmp / merged[key], key), config, gguf)
-            name = f"model-{gguf}.gguf"
-            gguf_export.write(tmp / name, gguf_kv, entries)
-            (tmp / "Modelfile").write_text(ollama.modelfile(name, path))
+        if gguf:
+            name = write_gguf(tmp, path, shapes, config, gguf, gguf_kv)
             print(f"{out / name} written for llama.cpp; {out / 'Modelfile'} for Ollama: "
                   f"ollama create NAME -f {out / 'Modelfile'}")
     n = sum(1 for k in shapes if k.endswith(".weight"))
     print(f"merged {adapter_path} into {path}: {n} tensors ({dtype}) written to {out}")
     return out
+
+
+def write_gguf(tmp, path, shapes, config, gguf, kv):
+    """--gguf: model-TYPE.gguf and its Modelfile in `tmp` from the merged shards just written there,
+    a tensor at a time; returns the GGUF's name."""
+    merged = weight_files(tmp)
+    entries = gguf_export.tensors(shapes, lambda key: read_tensor(tmp / merged[key], key), config, gguf)
+    name = f"model-{gguf}.gguf"
+    gguf_export.write(tmp / name, kv, entries)
+    (tmp / "Modelfile").write_text(ollama.modelfile(name, path))
+    return name
 
 
 def write_gguf_adapter(out, path, config, adapter_path, layers, settings, ftype, base_gguf):
