@@ -72,7 +72,8 @@ def barrier(world):
 
 
 def is_fsdp(module):
-    """Whether FSDP shards `module`. PyTorch's FSDP package takes 0.5 s and 44 MiB to import, and only
-    fsdp.py imports it (under --fsdp): a module can be an FSDPModule only once it is imported."""
+    """Whether FSDP shards `module`, asked without importing PyTorch's FSDP package: a module can be
+    an FSDPModule only once the package is imported (by fsdp.py under --fsdp, and by torch._dynamo,
+    which a model built on the meta device loads)."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
     return fsdp is not None and isinstance(module, fsdp.FSDPModule)
