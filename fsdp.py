@@ -47,7 +47,7 @@ def load_sharded(path, dtype, device, quantize, lora, cpu_offload=False):
     """A Transformer from checkpoint folder `path` with LoRA (apply_lora's keyword arguments) and
     every block sharded over the process group; shard_root(...) must follow, around the module
     that calls the model. Peak memory: about one block in `dtype`, plus this rank's shards."""
-    config, model, read = open_checkpoint(path, dtype, device)
+    config, model, read = open_checkpoint(path)
 
     # LoRA first, around empty stand-ins of the frozen weights: apply_lora draws the initial A
     # weights from the RNG in the same order as in one process (the same adapter at step 0),
@@ -68,9 +68,7 @@ def load_sharded(path, dtype, device, quantize, lora, cpu_offload=False):
             key = ".".join(c for c in f"{prefix}{name}".split(".") if c not in ("", "base"))  # the checkpoint's name
             if not own or (config.tie_word_embeddings and key == "lm_head"):
                 continue
-            linear = isinstance(sub, nn.Linear)
-            shapes = {"weight": (sub.out_features, sub.in_features), "bias": (sub.out_features,)} if linear else {}
-            tensors = {k: read(f"{key}.{k}", shapes.get(k, p.shape)) for k, p in own.items()}
+            tensors = {k: read(f"{key}.{k}").to(device=device, dtype=dtype) for k in own}
             if quantize and is_nf4_target(key, sub):
                 replace_module(module, name, NF4Linear.from_weight(tensors["weight"], tensors.get("bias")))
             else:

@@ -36,10 +36,10 @@ import gguf_export
 import gguf_lora
 from hub import resolve_checkpoint, same_checkpoint
 from lora import lora_delta
-from model import Config, Transformer
+from model import open_checkpoint
 import ollama
 from peft_format import PEFT_PREFIX, check_adapter_folder, match_adapter, read_adapter, settings_of
-from weights import checked_shapes, read_tensor, stored_dtype, weight_files, write_safetensors
+from weights import read_tensor, stored_dtype, weight_files, write_safetensors
 
 # what a merged folder keeps besides the weights: tokenizer.model holds SentencePiece's pieces,
 # chat_template.jinja newer repos' template
@@ -63,22 +63,6 @@ def merged_weight(w, tensors, scaling):
         return v
     norm_dim = (DoRAEmbedding if "lora_embedding_A" in tensors else DoRALinear).norm_dim
     return dora_weight(v, tensors["lora_magnitude_vector"], norm_dim)[0]
-
-
-def open_base(path):
-    """(config, model on the meta device, {key: shape}, read(key)) of base folder `path`, every key and
-    shape checked from the files' headers as Transformer.from_pretrained checks them, nothing read yet.
-    read gives one tensor in its stored dtype; a tied lm_head.weight is the embedding table."""
-    config = Config.from_json(path / "config.json")
-    with torch.device("meta"):
-        model = Transformer(config)  # the names and shapes to check against: no memory
-    shapes = {k: tuple(t.shape) for k, t in model.checkpoint_state_dict().items()}
-    base = checked_shapes(path, shapes, config.tie_word_embeddings)
-
-    def read(key):
-        key = "model.embed_tokens.weight" if config.tie_word_embeddings and key == "lm_head.weight" else key
-        return read_tensor(base[key][0], key)
-    return config, model, shapes, read
 
 
 def check_flags(out, force, gguf, gguf_adapter):
@@ -121,7 +105,8 @@ def merge(model_path, adapter_path, output_dir, force=False, max_shard_size=5 * 
         gguf = gguf or gguf_adapter  # with --gguf_adapter: the base's type
         gguf_kv = gguf_export.metadata(path, gguf)
     dtype = dtype or stored_dtype(path)
-    config, model, shapes, read_base = open_base(path)
+    config, model, read_base = open_checkpoint(path)  # every key and shape checked, nothing read yet
+    shapes = {k: tuple(t.shape) for k, t in model.checkpoint_state_dict().items()}
 
     adapter_config, layers = read_matched_adapter(adapter_path, model, read_base, dtype, model_path)
     if gguf_adapter:

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common import CheckpointError, replace_module
 from quant import NF4Linear, is_nf4_target
-from weights import check_keys, read_tensor, weight_files
+from weights import checked_shapes, read_tensor
 
 
 @dataclass
@@ -393,14 +393,14 @@ class Transformer(nn.Module):
         safetensors file straight into place; with quantize="nf4" every linear layer of the
         blocks is quantized as soon as it is read, so peak memory stays near the 4-bit size.
         """
-        config, model, read = open_checkpoint(path, dtype, device)
+        config, model, read = open_checkpoint(path)
         if quantize not in (None, "nf4"):
             raise CheckpointError(f"quantize={quantize!r}: only 'nf4' is supported")
         for name, module in list(model.named_modules()):
             own = dict(module.named_parameters(recurse=False))
             if not own or (config.tie_word_embeddings and module is model.lm_head):
                 continue
-            tensors = {k: read(f"{name}.{k}", p.shape) for k, p in own.items()}
+            tensors = {k: read(f"{name}.{k}").to(device=device, dtype=dtype) for k in own}
             if quantize == "nf4" and is_nf4_target(name, module):
                 replace_module(model, name, NF4Linear.from_weight(tensors["weight"], tensors.get("bias")))
             else:
@@ -412,21 +412,22 @@ class Transformer(nn.Module):
         return model.eval()
 
 
-def open_checkpoint(path, dtype, device):
+def open_checkpoint(path):
     """(config, model, read) for a checkpoint folder: its Config, a Transformer of it on the meta
-    device (no memory), and read(key, shape), one tensor from its safetensors file in `dtype` on
-    `device`, its shape checked. Every key is checked before anything is read: a missing or an
-    unexpected tensor is named."""
+    device (no memory), and read(key), one tensor as stored (a tied lm_head.weight: the embedding
+    table). Every key and shape is checked from the files' headers before anything is read: a
+    missing, an unexpected or a misshapen tensor is named."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
     config = Config.from_json(path / "config.json")
-    files = weight_files(path)
     with torch.device("meta"):
         model = Transformer(config)
-    check_keys(path, files, set(model.state_dict()), config.tie_word_embeddings)
+    expected = {k: tuple(t.shape) for k, t in model.checkpoint_state_dict().items()}
+    files = checked_shapes(path, expected, config.tie_word_embeddings)  # {key: (file, shape)}
 
-    def read(key, shape):
-        return read_tensor(path / files[key], key, shape).to(device=device, dtype=dtype)
+    def read(key):
+        key = "model.embed_tokens.weight" if config.tie_word_embeddings and key == "lm_head.weight" else key
+        return read_tensor(files[key][0], key)
 
     return config, model, read

@@ -1,11 +1,12 @@
 """A checkpoint folder's safetensors files, read and written one tensor at a time.
 
-Its own file because five others read checkpoints this way and none of them is about files:
-model.py and fsdp.py load a model from them, merge.py streams a base through them into a new
-folder, the GGUF export reads the merged shards back, hub.py lists the shards to fetch. A tensor
-is read with its file opened for it alone: the file is memory-mapped and unmapped once the tensor
-is freed, where a handle held open over a whole file would keep every page it has read resident
-(the whole checkpoint, by the end). Only safetensors are read, never pickles.
+Its own file because three others use checkpoints this way and none of them is about files:
+model.open_checkpoint reads a base through them (for Transformer.from_pretrained, fsdp.py's
+sharded load and merge.py alike), merge.py writes its merged shards and reads them back for the
+GGUF export, hub.py lists the shards to fetch. A tensor is read with its file opened for it
+alone: the file is memory-mapped and unmapped once the tensor is freed, where a handle held open
+over a whole file would keep every page it has read resident (the whole checkpoint, by the end).
+Only safetensors are read, never pickles.
 """
 import json
 import struct
@@ -61,13 +62,10 @@ def opened(file):
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def read_tensor(file, key, shape=None):
-    """One tensor of a safetensors file, the file opened for it alone; its shape checked if given."""
+def read_tensor(file, key):
+    """One tensor of a safetensors file, the file opened for it alone."""
     with opened(file) as f:
-        t = f.get_tensor(key)
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise CheckpointError(f"{file}: {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    return t
+        return f.get_tensor(key)
 
 
 def stored_dtype(path):
