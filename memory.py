@@ -59,7 +59,7 @@ def activation_bytes_per_token(c, b, lora_b, targets, r, recipes=True):
     the adapters'). Counted from what each op saves: norms keep their input (and an fp32 copy in
     bf16), attention keeps q, k, v and its output, SwiGLU keeps gate and up, every adapter keeps
     its input in the adapter's dtype (a copy when that differs) and its r-wide product A x. The
-    normed inputs and SwiGLU's product are recipes (model.recomputed), except in a block that
+    normed inputs and SwiGLU's product are recipes (activations.recomputed), except in a block that
     gradient checkpointing recomputes (recipes=False)."""
     C, I = c.hidden_size, c.intermediate_size
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim

@@ -12,15 +12,14 @@ names and PEFT keys map one to one.
 """
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from activations import checkpointed, recomputed
 from common import CheckpointError, replace_module
 from quant import NF4Linear, is_nf4_target
 from weights import checked_shapes, read_tensor
@@ -218,34 +217,6 @@ class SwiGLU(torch.autograd.Function):
         return torch.ops.aten.silu_backward(grad * u, g), F.silu(g).mul_(grad)  # in place: one temporary less
 
 
-@contextmanager
-def recomputed(t, fn, enabled=True):
-    """Inside, where autograd saves `t` for backward (a LoRA A's input: frozen layers keep none),
-    it keeps fn instead and calls it again in backward. For a t that is cheap to compute from
-    tensors backward keeps anyway (a norm's input, SwiGLU's g and u): one t-sized activation
-    less per use. fn() gives t's values bit for bit, as a new contiguous tensor, as t is.
-    Off when not enabled (gradient checkpointing recomputes the whole block) and under
-    torch.compile (its partitioner chooses what to recompute)."""
-    if not enabled or not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        yield
-        return
-    storage = t.untyped_storage().data_ptr()
-
-    def pack(saved):  # saved: t or a view of it (a linear layer's flattened input), or another tensor
-        if saved.untyped_storage().data_ptr() != storage:
-            return saved
-        return fn, saved.size(), saved.stride(), saved.storage_offset()
-
-    def unpack(packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        recipe, size, stride, offset = packed
-        return recipe().as_strided(size, stride, offset)
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
-
-
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -262,19 +233,6 @@ class Block(nn.Module):
         h = self.post_attention_layernorm(y)
         with recomputed(h, lambda: self.post_attention_layernorm(y), recompute):
             return y + self.mlp(h, recompute)
-
-
-def checkpointed(block, x, cos, sin, mask, start, offload=False):
-    """block(x, ...) keeping only x for backward, which recomputes the block (non-reentrant: frozen
-    inputs still give the LoRA weights their gradients). offload: x waits for backward in host
-    memory (pinned on a GPU; both copies asynchronous, in stream order), and the device's copy is
-    freed once the next block has read it. A copy's backward is a copy back: the numbers are the same.
-    No recipes inside (recomputed): the block is recomputed whole."""
-    if not offload:
-        return checkpoint(block, x, cos, sin, mask, start, recompute=False, use_reentrant=False)
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda).copy_(x, non_blocking=True)
-    run = lambda h, *args: block(h.to(cos.device, non_blocking=True), *args, recompute=False)
-    return checkpoint(run, host, cos, sin, mask, start, use_reentrant=False)
 
 
 class Decoder(nn.Module):

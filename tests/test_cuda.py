@@ -404,7 +404,7 @@ def test_offloaded_checkpointing_fits_more_in_the_same_memory(tiny_checkpoint):
 
 
 def test_recipes_lower_the_peak_of_a_bf16_step_with_the_same_gradients(tiny_checkpoint):
-    # model.recomputed on the GPU: a step keeping the normed inputs and SwiGLU's product as recipes
+    # activations.recomputed on the GPU: a step keeping the normed inputs and SwiGLU's product as recipes
     # peaks lower than one keeping them (Block.forward(recompute=False)), and the adapter gradients
     # agree within 1% of each one's largest entry (attention's backward may sum in another order).
     from functools import partialmethod
