@@ -74,6 +74,6 @@ def barrier(world):
 def is_fsdp(module):
     """Whether FSDP shards `module`, asked without importing PyTorch's FSDP package: a module can be
     an FSDPModule only once the package is imported (by fsdp.py under --fsdp, and by torch._dynamo,
-    which a model built on the meta device loads)."""
+    which a model built on the meta device, or a backward pass, loads)."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
     return fsdp is not None and isinstance(module, fsdp.FSDPModule)

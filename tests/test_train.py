@@ -293,11 +293,12 @@ def test_two_processes_match_one(tiny_checkpoint, tmp_path):
 def test_a_run_without_fsdp_never_enters_fsdp_py(tiny_checkpoint, tmp_path):
     # A plain run, checkpoints saved and resumed, never enters fsdp.py: it is not among the modules a
     # fresh process has loaded after two runs of train.main. (PyTorch's own FSDP package is: torch._dynamo
-    # imports it, and building a model on the meta device imports torch._dynamo.)
+    # imports it, and a model built on the meta device, or a backward pass, imports torch._dynamo.)
     args = ["--model_path", str(tiny_checkpoint), "--data_path", str(write_jsonl(tmp_path / "t.jsonl", TINY)),
             "--output_dir", str(tmp_path / "out"), "--micro_batch_size", "2", "--effective_batch_size", "4",
             "--max_steps", "3", "--save_every", "1"]
-    code = (f"import sys, train; train.main({args!r}); train.main({args + ['--resume']!r}); "  # from step 2's checkpoint
+    # the second run resumes from step 2's checkpoint
+    code = (f"import sys, train; train.main({args!r}); train.main({args + ['--resume']!r}); "
             "print('fsdp' in sys.modules, 'train' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
