@@ -280,9 +280,9 @@ def bench_threads(args):
     """One training run (ours) on its own, then beside a second one started just before it with the
     same choice, for each way of choosing CPU threads: every core (torch's default), one thread,
     train.py's (common.following_free_cores: the cores free now, checked again between steps every
-    10 s), and every core with GNU OpenMP's threads sleeping
-    when idle instead of spinning (OMP_WAIT_POLICY=passive, read as the runtime starts). Tokens/s
-    of the measured run; the one beside it is stopped after."""
+    10 s), and every core with GNU OpenMP's threads sleeping when idle instead of spinning
+    (OMP_WAIT_POLICY=passive, read as the runtime starts). Tokens/s of the measured run; the one
+    beside it is stopped after."""
     n = os.cpu_count() or 1
     choices = {f"{n} threads (torch's default)": {"OMP_NUM_THREADS": str(n)}, "1 thread": {"OMP_NUM_THREADS": "1"},
                "train.py's, following free cores": {},

@@ -31,7 +31,7 @@ def save_checkpoint(out, model, optimizer, state, keep=0, sharded=False):
     t0 = time.perf_counter()
     final = out / "checkpoints" / f"step-{state['step']}"
     if sharded:
-        import fsdp  # only --fsdp runs enter fsdp.py
+        import fsdp  # only --fsdp runs enter fsdp.py (distributed.is_fsdp)
     with fsdp.gathered_lora(model) if sharded else nullcontext():
         opt_state = fsdp.full_optimizer_state(optimizer) if sharded else optimizer.state_dict()
         rng = {"cpu": every_rank(torch.get_rng_state())}

@@ -73,7 +73,9 @@ def barrier(world):
 
 def is_fsdp(module):
     """Whether FSDP shards `module`, asked without importing PyTorch's FSDP package: a module can be
-    an FSDPModule only once the package is imported (by fsdp.py under --fsdp, and by torch._dynamo,
-    which a model built on the meta device, or a backward pass, loads)."""
+    an FSDPModule only once the package is imported (by fsdp.py under --fsdp; by torch._dynamo,
+    which a model built on the meta device, or a backward pass, loads). Why not import it above:
+    a train.py that imports fsdp.py starts 0.46 s slower and 45 MiB larger, so `--help` or a bad
+    flag answers later (`/usr/bin/time python train.py --help`: 1.02 s, 1.48 s with fsdp imported)."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
     return fsdp is not None and isinstance(module, fsdp.FSDPModule)

@@ -126,8 +126,8 @@ def fsdp_transient(model, world, dequant, loss):
     block's all-gather buffer and its parameters and the next block, prefetched; untied, lm_head
     while the loss runs and the embeddings while they look up (fsdp.shard_root)."""
     gathered = lambda m: sum(p.numel() * p.element_size() - shard_bytes(p, world) for p in m.parameters())
-    tied = model.config.tie_word_embeddings
-    units = {} if tied else {"embeddings": model.model.embed_tokens, "lm_head": model.lm_head}
+    untied = {"embeddings": model.model.embed_tokens, "lm_head": model.lm_head}
+    units = {} if model.config.tie_word_embeddings else untied
     root = gathered(model) - gathered(model.model.layers) - sum(gathered(m) for m in units.values())
     block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     # the block computing, the next one's all-gather input, output, and parameters copied out

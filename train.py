@@ -154,7 +154,7 @@ def build_model(cfg, path, device, world, verbose):
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.targets(),
                 use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
     if cfg.fsdp:  # read block by block, each sharded before the next is read
-        import fsdp  # here, not above: a run without --fsdp never enters fsdp.py
+        import fsdp  # here, not above: a run without --fsdp never enters fsdp.py (distributed.is_fsdp)
         model = fsdp.load_sharded(path, dtype, device, cfg.load_in_4bit, lora, cfg.fsdp_cpu_offload)
         if verbose:
             print(trainable_summary(model))
